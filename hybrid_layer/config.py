@@ -1,0 +1,196 @@
+"""CONFIG dict -> one frozen, validated :class:`LayerConfig`.
+
+Every problem is a ``ValueError`` raised at construction that names the key, so a typo
+in ``CHANNEL_LAYERS`` fails at startup rather than at the first message.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+
+MIB = 1024 * 1024
+
+#: Keys that belong to broker mode, which this release does not implement yet.
+BROKER_KEYS = frozenset({"host", "ssl_context", "groups_exchange", "symmetric_encryption_keys"})
+
+
+def default_host_id() -> str:
+    """A short stable id for this machine: /etc/machine-id if present, else the hostname."""
+    raw = b""
+    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        try:
+            with open(path, "rb") as f:
+                raw = f.read().strip()
+        except OSError:
+            continue
+        if raw:
+            break
+    if not raw:
+        raw = socket.gethostname().encode()
+    return "h" + hashlib.sha256(raw).hexdigest()[:10]
+
+
+@dataclass(frozen=True, slots=True)
+class LayerConfig:
+    prefix: str = "asgi"
+    host_id: str = field(default_factory=default_host_id)
+    expiry: float = 60.0
+    group_expiry: float = 86400.0
+    capacity: int = 100
+    channel_capacity: tuple[tuple[re.Pattern[str], int], ...] = ()
+    max_message_bytes: int = 1 * MIB
+    ring_bytes: int = 4 * MIB
+    max_participants: int = 64
+    channel_buckets: int = 4096
+    max_groups_per_process: int = 16384
+    shm_dir: str = "/dev/shm"
+    mode: int = 0o600
+
+    @property
+    def namespace(self) -> str:
+        """Stem of every shared-memory name of this host namespace."""
+        return f"hl.{self.prefix}.{self.host_id}"
+
+    def capacity_for(self, channel: str) -> int:
+        for pattern, cap in self.channel_capacity:
+            if pattern.match(channel):
+                return cap
+        return self.capacity
+
+    def layout_key(self) -> tuple[int, ...]:
+        """The values every process of one namespace must agree on."""
+        return (
+            self.ring_bytes,
+            self.max_participants,
+            self.channel_buckets,
+            self.max_groups_per_process,
+        )
+
+
+def _number(key: str, value: Any, *, minimum: float, integer: bool = False) -> Any:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"CONFIG[{key!r}] must be a number, got {value!r}")
+    if integer and not isinstance(value, int):
+        raise ValueError(f"CONFIG[{key!r}] must be a whole number, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"CONFIG[{key!r}] must be at least {minimum}, got {value!r}")
+    return value
+
+
+def _ident(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not _ID_RE.match(value):
+        raise ValueError(
+            f"CONFIG[{key!r}] must be 1-32 characters of letters, digits, '-' or '_', "
+            f"got {value!r}"
+        )
+    return value
+
+
+def _capacities(value: Any) -> tuple[tuple[re.Pattern[str], int], ...]:
+    key = "channel_capacity"
+    if isinstance(value, Mapping):
+        items = list(value.items())
+    elif isinstance(value, list | tuple):
+        items = list(value)
+    else:
+        raise ValueError(f"CONFIG[{key!r}] must be a dict of pattern -> capacity")
+    out = []
+    for item in items:
+        if not (isinstance(item, tuple | list) and len(item) == 2):
+            raise ValueError(f"CONFIG[{key!r}] entries must be (pattern, capacity) pairs")
+        pattern, cap = item
+        if isinstance(pattern, str):
+            compiled = re.compile(fnmatch.translate(pattern))
+        elif isinstance(pattern, re.Pattern):
+            compiled = pattern
+        else:
+            raise ValueError(
+                f"CONFIG[{key!r}] pattern must be a glob string or compiled regex, "
+                f"got {pattern!r}"
+            )
+        out.append((compiled, _number(f"{key}[{pattern!r}]", cap, minimum=1, integer=True)))
+    return tuple(out)
+
+
+def parse_config(raw: Mapping[str, Any] | None = None, **kwargs: Any) -> LayerConfig:
+    """Validate a CONFIG dict (or keyword arguments, as channels passes them)."""
+    values: dict[str, Any] = dict(raw or {})
+    values.update(kwargs)
+    known = set(LayerConfig.__dataclass_fields__)
+    broker = sorted(BROKER_KEYS & set(values))
+    if broker:
+        raise ValueError(
+            f"CONFIG{broker} selects broker mode (RabbitMQ), which this release of "
+            "hybrid_layer does not implement yet; remove the key to run single-host"
+        )
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(
+            f"unknown CONFIG key(s) {unknown}; known keys: {sorted(known)}"
+        )
+    out: dict[str, Any] = {}
+    if "prefix" in values:
+        out["prefix"] = _ident("prefix", values["prefix"])
+    if "host_id" in values:
+        out["host_id"] = _ident("host_id", values["host_id"])
+    for key in ("expiry", "group_expiry"):
+        if key in values:
+            out[key] = float(_number(key, values[key], minimum=0.001))
+    if "capacity" in values:
+        out["capacity"] = _number("capacity", values["capacity"], minimum=1, integer=True)
+    if "channel_capacity" in values and values["channel_capacity"] is not None:
+        out["channel_capacity"] = _capacities(values["channel_capacity"])
+    mmb = _number(
+        "max_message_bytes", values.get("max_message_bytes", MIB), minimum=1024, integer=True
+    )
+    if mmb > 256 * MIB:
+        raise ValueError(f"CONFIG['max_message_bytes'] must be at most 256 MiB, got {mmb}")
+    out["max_message_bytes"] = mmb
+    if "ring_bytes" in values:
+        ring = _number("ring_bytes", values["ring_bytes"], minimum=64 * 1024, integer=True)
+    else:
+        ring = max(4 * MIB, 2 * mmb + 64 * 1024)
+    ring = (ring + 4095) // 4096 * 4096
+    if ring < 2 * mmb + 4096:
+        raise ValueError(
+            f"CONFIG['ring_bytes'] ({ring}) must be at least twice max_message_bytes "
+            f"({mmb}) plus 4096, so that a largest message always fits"
+        )
+    out["ring_bytes"] = ring
+    if "max_participants" in values:
+        mp = _number("max_participants", values["max_participants"], minimum=2, integer=True)
+        if mp > 1024:
+            raise ValueError(f"CONFIG['max_participants'] must be at most 1024, got {mp}")
+        out["max_participants"] = mp
+    if "channel_buckets" in values:
+        cb = _number("channel_buckets", values["channel_buckets"], minimum=16, integer=True)
+        if cb > 1 << 20:
+            raise ValueError(f"CONFIG['channel_buckets'] must be at most 1048576, got {cb}")
+        out["channel_buckets"] = cb
+    if "max_groups_per_process" in values:
+        mg = _number(
+            "max_groups_per_process", values["max_groups_per_process"], minimum=16, integer=True
+        )
+        if mg > 1 << 22:
+            raise ValueError(f"CONFIG['max_groups_per_process'] must be at most 4194304, got {mg}")
+        out["max_groups_per_process"] = mg
+    if "shm_dir" in values:
+        if not isinstance(values["shm_dir"], str) or not values["shm_dir"].startswith("/"):
+            raise ValueError(f"CONFIG['shm_dir'] must be an absolute path, got {values['shm_dir']!r}")
+        out["shm_dir"] = values["shm_dir"].rstrip("/") or "/"
+    if "mode" in values:
+        mode = values["mode"]
+        if isinstance(mode, bool) or not isinstance(mode, int) or not 0o400 <= mode <= 0o777:
+            raise ValueError(f"CONFIG['mode'] must be a file mode such as 0o600, got {mode!r}")
+        if not mode & 0o600 == 0o600:
+            raise ValueError("CONFIG['mode'] must let the owner read and write (0o600 bits)")
+        out["mode"] = mode
+    return LayerConfig(**out)

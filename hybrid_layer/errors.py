@@ -1,0 +1,56 @@
+"""The whole exception tree of hybrid_layer.
+
+``ChannelFull`` and ``MessageTooLarge`` subclass channels' own exceptions, so code that
+catches ``channels.exceptions.ChannelFull`` keeps working. "You closed it"
+(:class:`LayerClosed`) is kept apart from "it broke" (:class:`SharedMemoryCorrupt`,
+:class:`NamespaceMismatch`).
+"""
+
+from __future__ import annotations
+
+from channels.exceptions import ChannelFull as _ChannelsChannelFull
+
+try:  # channels >= 4.1 has MessageTooLarge
+    from channels.exceptions import MessageTooLarge as _ChannelsMessageTooLarge
+except ImportError:  # pragma: no cover - older channels
+    class _ChannelsMessageTooLarge(Exception):  # type: ignore[no-redef]
+        pass
+
+
+class HybridLayerError(Exception):
+    """Base of every error this package raises on its own account."""
+
+
+class ChannelFull(HybridLayerError, _ChannelsChannelFull):
+    """The destination channel holds ``capacity`` messages, or its reader's inbox is full."""
+
+
+class MessageTooLarge(HybridLayerError, _ChannelsMessageTooLarge):
+    """The encoded message is larger than ``max_message_bytes``."""
+
+
+class LayerClosed(HybridLayerError, RuntimeError):
+    """The layer was closed by this process; create a new one to go on."""
+
+
+class SharedMemoryCorrupt(HybridLayerError):
+    """A record in shared memory failed validation (bad magic, impossible length)."""
+
+
+class NamespaceMismatch(HybridLayerError, RuntimeError):
+    """Live processes use this namespace with a different layout (sizing keys)."""
+
+
+class NamespaceFull(HybridLayerError, RuntimeError):
+    """Every participant slot on this host is taken by a live process."""
+
+
+__all__ = [
+    "ChannelFull",
+    "HybridLayerError",
+    "LayerClosed",
+    "MessageTooLarge",
+    "NamespaceFull",
+    "NamespaceMismatch",
+    "SharedMemoryCorrupt",
+]

@@ -1,0 +1,257 @@
+"""The ``CHANNEL_LAYERS`` backend: validates arguments, encodes, delegates.
+
+One :class:`HybridChannelLayer` object is one participant of its host namespace, attached
+lazily on first use in each process (so an object created before ``fork()`` - gunicorn
+``--preload`` - works in every child). ``send`` never waits on anything but a full inbox;
+``receive`` sleeps on a file-descriptor doorbell in whatever event loop calls it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+import weakref
+from typing import Any
+
+from channels.layers import BaseChannelLayer
+
+from ._log import limited
+from .config import LayerConfig, parse_config
+from .envelope import decode_message, encode_message
+from .errors import ChannelFull, LayerClosed, MessageTooLarge
+from .names import parse
+from .participant import Participant
+from .shm.groupset import name_hash
+from .shm.registry import FULL_CHANNEL, FULL_RING, NO_CHANNEL, OK
+from .stats import ChannelStatistics, Statistics, split
+
+_monotonic = time.monotonic
+_layers: weakref.WeakSet[HybridChannelLayer] = weakref.WeakSet()
+
+#: how long ``send`` waits for a live but busy reader to make room in its inbox
+RING_FULL_WAIT = 0.5
+
+
+class HybridChannelLayer(BaseChannelLayer):  # type: ignore[misc]
+    """Channel layer over POSIX shared memory (one host; RabbitMQ across hosts later)."""
+
+    extensions = ["groups", "flush"]
+
+    def __init__(self, config: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        cfg = parse_config(config, **kwargs)
+        super().__init__(expiry=cfg.expiry, capacity=cfg.capacity)
+        self.config: LayerConfig = cfg
+        self.group_expiry = cfg.group_expiry
+        self.channel_capacity = list(cfg.channel_capacity)
+        self._participant: Participant | None = None
+        self._pid = 0
+        self._attach_lock = threading.Lock()
+        self._closed = False
+        _layers.add(self)
+
+    # ------------------------------------------------------------------ plumbing
+    def _p(self) -> Participant:
+        p = self._participant
+        if p is not None and self._pid == os.getpid():
+            return p
+        if self._closed:
+            raise LayerClosed("this channel layer was closed; create a new one")
+        with self._attach_lock:
+            if self._participant is None or self._pid != os.getpid():
+                self._participant = Participant(self.config)
+                self._pid = os.getpid()
+            return self._participant
+
+    def _after_fork_in_child(self) -> None:
+        p = self._participant
+        self._participant = None
+        self._attach_lock = threading.Lock()
+        if p is not None:
+            p.abandon()
+
+    def _check_size(self, data: bytes) -> None:
+        if len(data) > self.config.max_message_bytes:
+            if self._participant is not None:
+                self._participant.counters.raised_too_large += 1
+            raise MessageTooLarge(
+                f"message is {len(data)} bytes encoded, over max_message_bytes="
+                f"{self.config.max_message_bytes}"
+            )
+
+    # ------------------------------------------------------------------ core API
+    async def new_channel(self, prefix: str = "specific.") -> str:
+        if not isinstance(prefix, str):
+            raise TypeError(f"new_channel prefix must be a str, got {type(prefix).__name__}")
+        name = self._p().new_channel(prefix)
+        self.require_valid_channel_name(name)
+        return name
+
+    async def send(self, channel: str, message: dict[str, Any]) -> None:
+        self.require_valid_channel_name(channel)
+        data = encode_message(message)
+        self._check_size(data)
+        p = self._p()
+        expires_at = _monotonic() + self.config.expiry
+        r = p.send(channel, data, expires_at)
+        if r == FULL_RING:
+            r = await self._wait_for_room(p, channel, data, expires_at)
+        c = p.counters
+        if r == OK:
+            c.sent += 1
+        elif r == NO_CHANNEL:
+            c.dropped_no_channel += 1
+            limited.warning(
+                "no-channel", "hybrid_layer: message to %r dropped: no such channel on this "
+                "host (its process is gone, or the name is not one of this layer's)", channel,
+            )
+        else:
+            c.raised_full += 1
+            raise ChannelFull(channel)
+
+    async def _wait_for_room(
+        self, p: Participant, channel: str, data: bytes, expires_at: float
+    ) -> int:
+        """The reader's inbox is full: it may just be busy. Wait a little, then give up."""
+        deadline = _monotonic() + RING_FULL_WAIT
+        delay = 0.0005
+        while True:
+            await asyncio.sleep(delay)
+            r = p.send(channel, data, expires_at)
+            if r != FULL_RING or _monotonic() >= deadline:
+                return r
+            delay = min(delay * 2, 0.02)
+
+    async def receive(self, channel: str) -> dict[str, Any]:
+        self.require_valid_channel_name(channel)
+        p = self._p()
+        item = p.take(channel)
+        if item is None:
+            if "!" not in channel:
+                p.ensure_reader(channel)
+            p.drain(asyncio.get_running_loop())
+            item = p.take(channel)
+            loop = None
+            while item is None:
+                if loop is None:
+                    loop = asyncio.get_running_loop()
+                fut: asyncio.Future[None] = loop.create_future()
+                p.add_waiter(channel, loop, fut)
+                try:
+                    await fut
+                finally:
+                    p.remove_waiter(channel, loop, fut)
+                item = p.take(channel)
+        return decode_message(memoryview(item.body)[item.name_len :])
+
+    # ------------------------------------------------------------------ groups
+    async def group_add(self, group: str, channel: str) -> None:
+        self.require_valid_group_name(group)
+        self.require_valid_channel_name(channel)
+        self._p().group_add(group, channel)
+
+    async def group_discard(self, group: str, channel: str) -> None:
+        self.require_valid_channel_name(channel)
+        self.require_valid_group_name(group)
+        self._p().group_discard(group, channel)
+
+    async def group_send(self, group: str, message: dict[str, Any]) -> None:
+        self.require_valid_group_name(group)
+        data = encode_message(message)
+        self._check_size(data)
+        self._p().group_send(group, data, _monotonic() + self.config.expiry)
+
+    # ------------------------------------------------------------------ flush / close
+    async def flush(self) -> None:
+        """Empty every inbox and queue and forget every group, on the whole host."""
+        p = self._p()
+        p.ns.flush_all()
+        p.check_flush()
+
+    async def close(self) -> None:
+        self.close_sync()
+
+    def close_sync(self) -> None:
+        """Leave the host namespace; the last process out removes the shared memory."""
+        p = self._participant
+        self._participant = None
+        if p is not None and self._pid == os.getpid():
+            p.close()
+
+    # ------------------------------------------------------------------ statistics
+    def statistics(self) -> Statistics:
+        """This process's counters and its view of the host."""
+        p = self._p()
+        raised, dropped = split(p.counters.as_dict())
+        ring = p.own.ring
+        ld = p.ns.leader()
+        c = p.counters
+        return Statistics(
+            sent=c.sent, received=c.received, group_sends=c.group_sends,
+            group_copies=c.group_copies, raised=raised, dropped=dropped,
+            pending=p.pending() + (1 if ring.used() else 0) * 0,
+            ring_used_bytes=ring.used(), ring_size_bytes=ring.size,
+            participants=len(p.ns.live_slots()), leader_pid=ld.pid, leader_epoch=ld.epoch,
+            is_leader=p.ns.is_leader, pid=os.getpid(), slot=p.slot,
+            extra={"groups": len(p.groups), "normal_readers": len(p.readers),
+                   "parked": sum(len(q) for q in p.parked.values())},
+        )
+
+    def global_statistics(self) -> Statistics:
+        """Counters summed over every live participant of the host (mirrored ~1/s)."""
+        p = self._p()
+        p.ns.publish_stats(p.counters.values())
+        from .shm.layout import STATS_FIELDS
+
+        totals = dict.fromkeys(STATS_FIELDS, 0)
+        live = p.ns.live_slots()
+        ring_used = 0
+        for i in live:
+            for k, v in zip(STATS_FIELDS, p.ns.slot_stats(i), strict=True):
+                totals[k] += v
+            sv = p.ns.slot(i)
+            if sv is not None:
+                ring_used += sv.ring.used()
+        raised, dropped = split(totals)
+        ld = p.ns.leader()
+        return Statistics(
+            sent=totals["sent"], received=totals["received"],
+            group_sends=totals["group_sends"], group_copies=totals["group_copies"],
+            raised=raised, dropped=dropped, pending=-1, ring_used_bytes=ring_used,
+            ring_size_bytes=p.own.ring.size * len(live), participants=len(live),
+            leader_pid=ld.pid, leader_epoch=ld.epoch, is_leader=p.ns.is_leader,
+            pid=os.getpid(), slot=p.slot,
+        )
+
+    def channel_statistics(self, channel: str) -> ChannelStatistics:
+        """Messages waiting on ``channel`` (its reader's capacity counters) and capacity."""
+        self.require_valid_channel_name(channel)
+        p = self._p()
+        cap = self.config.capacity_for(channel)
+        if "!" in channel:
+            addr = parse(channel)
+            if addr is None or addr.host_id != self.config.host_id or addr.bucket >= p.K:
+                return ChannelStatistics(channel, 0, cap, False)
+            sv = p.ns.slot(addr.slot)
+            pending = sv.pending(addr.bucket) if sv is not None and sv.gen == addr.gen else 0
+            return ChannelStatistics(channel, pending, cap, True)
+        h = name_hash("n", channel)
+        bucket = p.normal_bucket(channel)
+        pending = 0
+        for i in p.ns.live_slots():
+            sv = p.ns.slot(i)
+            if sv is not None and (sv.groups.maybe_contains(h) or i == p.ns.leader().slot):
+                pending += sv.pending(bucket)
+        return ChannelStatistics(channel, pending, cap, True)
+
+    def __repr__(self) -> str:
+        return f"<HybridChannelLayer {self.config.namespace}>"
+
+
+def _after_fork_in_child() -> None:
+    for layer in list(_layers):
+        layer._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

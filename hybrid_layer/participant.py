@@ -1,0 +1,697 @@
+"""One participant: this process's slot on the host, its inbox and its share of the work.
+
+Theory of operation
+-------------------
+Every message to a participant is a record in its ring (``shm.ring``), written by the
+sender under the ring lock. The owner *drains* the ring - from whichever event loop is
+receiving, or from its host thread - into per-channel local queues, fanning group
+records out to its local members. ``receive()`` takes from the local queue; when it is
+empty the receiver registers a waiter, announces "may be asleep" in the ring's control
+page, and sleeps on the FIFO doorbell that writers ring when they see that flag.
+
+Capacity: each process channel carries a bucket index in its name; the sender checks
+``enq - deq`` of that bucket under the ring lock (so ``send`` can raise ``ChannelFull``
+without asking the reader) and bumps ``enq``; the owner bumps ``deq`` when the message
+leaves (received, expired, flushed). Group copies made by the owner reserve a slot by
+lowering ``deq``.
+
+Waiters are woken with a bare ``None``: a woken receiver takes its message from the
+queue itself, so a receive cancelled after its wake-up leaves the message queued and
+passes the wake-up on (cancellation safety).
+
+Threading: ``lock`` guards queues, waiters, groups and the owner's bucket counters;
+``read_lock`` makes the owner a single consumer of its ring across threads and loops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections import deque
+from typing import Any, NamedTuple
+
+from . import names
+from ._log import limited
+from .config import LayerConfig
+from .envelope import decode_args, encode_args
+from .errors import LayerClosed
+from .routing import Action, GroupTable, Route, route
+from .shm import layout as L
+from .shm.groupset import name_hash
+from .shm.registry import FULL_CHANNEL, FULL_RING, NO_CHANNEL, OK, Namespace, SlotView
+from .shm.ring import RingCorrupt
+from .stats import Counters
+
+log = logging.getLogger("hybrid_layer")
+
+TICK = 0.1  # host thread period: election attempts, housekeeping
+RECLAIM_EVERY = 0.25
+SWEEP_EVERY = 1.0
+_monotonic = time.monotonic
+
+
+class Item(NamedTuple):
+    expires_at: float
+    pos: int  # ring position the record was read at (flush bookkeeping)
+    bucket: int  # owner's capacity bucket, -1 if none
+    body: bytes
+    name_len: int
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+class Participant:
+    def __init__(self, cfg: LayerConfig) -> None:
+        self.cfg = cfg
+        self.K = cfg.channel_buckets
+        self.ns = Namespace(cfg)
+        self.ns.attach()
+        self.slot = self.ns.me
+        self.gen = self.ns.gen
+        self.pid = os.getpid()
+        assert self.ns.own is not None
+        self.own: SlotView = self.ns.own
+        self.lock = threading.Lock()
+        self.read_lock = threading.Lock()
+        self.queues: dict[str, deque[Item]] = {}
+        self.waiters: dict[str, deque[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]]] = {}
+        self.loop_regs: dict[asyncio.AbstractEventLoop, int] = {}
+        self.n_waiting = 0
+        self.groups = GroupTable()
+        self.readers: set[str] = set()
+        self.parked: dict[str, deque[Item]] = {}
+        self.counters = Counters()
+        self.flush_seen = self.ns.flush_epoch()
+        self.next_bucket = 0
+        self.rr: dict[str, int] = {}
+        self._capacity_cache: dict[str, int] = {}
+        self.closed = False
+        self.host = HostThread(self)
+        self.host.start()
+
+    # ================================================================ names
+    def new_channel(self, prefix: str) -> str:
+        with self.lock:
+            bucket = self.next_bucket
+            self.next_bucket = (bucket + 1) % self.K
+        return names.mint(prefix, self.cfg.host_id, self.slot, self.gen, bucket)
+
+    def capacity_for(self, channel: str) -> int:
+        cap = self._capacity_cache.get(channel)
+        if cap is None:
+            if len(self._capacity_cache) > 65536:
+                self._capacity_cache.clear()
+            cap = self._capacity_cache[channel] = self.cfg.capacity_for(channel)
+        return cap
+
+    # ================================================================ sending
+    def send(self, channel: str, msg: bytes | memoryview, expires_at: float) -> int:
+        """Route one message; OK, FULL_CHANNEL, FULL_RING or NO_CHANNEL."""
+        dest = route(channel, self.cfg.host_id, self.slot, self.gen)
+        if dest.route is Route.NORMAL:
+            return self.send_normal(channel, msg, expires_at)
+        addr = dest.address
+        if dest.route is Route.UNROUTABLE or addr is None or addr.bucket >= self.K:
+            return NO_CHANNEL
+        sv = self.own if dest.route is Route.OWN else self.ns.slot(addr.slot)
+        if sv is None:
+            return NO_CHANNEL
+        return self.ns.write(
+            sv, addr.gen, L.KIND_DIRECT, channel.encode(), expires_at, msg, addr.bucket,
+            self.capacity_for(channel),
+        )
+
+    def normal_bucket(self, channel: str) -> int:
+        return self.K + name_hash("n", channel) % self.K
+
+    def send_normal(self, channel: str, msg: bytes | memoryview, expires_at: float) -> int:
+        h = name_hash("n", channel)
+        bucket = self.K + h % self.K
+        cap = self.capacity_for(channel)
+        name_b = channel.encode()
+        readers = []
+        for i in self.ns.live_slots():
+            sv = self.ns.slot(i)
+            if sv is not None and sv.groups.maybe_contains(h):
+                readers.append(sv)
+        result = NO_CHANNEL
+        if readers:
+            start = self.rr.get(channel, 0)
+            self.rr[channel] = start + 1
+            n = len(readers)
+            for k in range(n):
+                r = self.ns.write(
+                    readers[(start + k) % n], 0, L.KIND_NORMAL, name_b, expires_at, msg,
+                    bucket, cap,
+                )
+                if r == OK:
+                    return OK
+                if r != NO_CHANNEL:
+                    result = r
+            if result != NO_CHANNEL:
+                return result
+        # nobody reads it yet: park it with the leader until a reader appears
+        for _ in range(2):
+            ld = self.ns.leader()
+            sv = self.ns.slot(ld.slot) if ld.slot >= 0 else None
+            if sv is not None:
+                r = self.ns.write(sv, ld.gen, L.KIND_NORMAL, name_b, expires_at, msg, bucket, cap)
+                if r != NO_CHANNEL:
+                    return r
+            # no live leader right now (failover in progress): take the lease ourselves
+            if self.ns.try_lead():
+                self.host.on_leadership()
+        return NO_CHANNEL
+
+    def group_send(self, group: str, msg: bytes, expires_at: float) -> None:
+        h = name_hash("g", group)
+        name_b = group.encode()
+        c = self.counters
+        c.group_sends += 1
+        for i in self.ns.live_slots():
+            sv = self.own if i == self.slot else self.ns.slot(i)
+            if sv is None or not sv.groups.maybe_contains(h):
+                continue
+            r = self.ns.write(sv, 0, L.KIND_GROUP, name_b, expires_at, msg, -1, 0)
+            if r == FULL_RING:
+                c.dropped_full += 1
+                limited.warning(
+                    "group-full", "hybrid_layer: group %r message dropped: inbox of slot %d "
+                    "is full", group, i,
+                )
+
+    def control(self, sv: SlotView, verb: str, *args: Any) -> int:
+        return self.ns.write(sv, 0, L.KIND_CONTROL, verb.encode(), _monotonic() + 60,
+                             encode_args(*args), -1, 0)
+
+    # ================================================================ groups
+    def group_add(self, group: str, channel: str) -> None:
+        self.check_flush()
+        with self.lock:
+            if self.groups.add(group, channel, time.time()) is Action.JOIN:
+                self.own.groups.add(name_hash("g", group))
+
+    def group_discard(self, group: str, channel: str) -> None:
+        self.check_flush()
+        with self.lock:
+            if self.groups.discard(group, channel) is Action.LEAVE:
+                self.own.groups.discard(name_hash("g", group))
+
+    def ensure_reader(self, channel: str) -> None:
+        """Become a reader of normal channel ``channel`` (on first receive of it)."""
+        if channel in self.readers:
+            return
+        with self.lock:
+            if channel in self.readers:
+                return
+            self.readers.add(channel)
+            self.own.groups.add(name_hash("n", channel))
+        ld = self.ns.leader()
+        sv = self.ns.slot(ld.slot) if ld.slot >= 0 else None
+        if sv is not None:  # ask the leader for what it parked; its tick retries anyway
+            self.control(sv, "reader", channel)
+
+    # ================================================================ receiving
+    def take(self, channel: str) -> Item | None:
+        """Pop the next live message of ``channel`` from the local queue."""
+        if self.ns.flush_epoch() != self.flush_seen:
+            self.check_flush()
+        with self.lock:
+            q = self.queues.get(channel)
+            if not q:
+                return None
+            now = _monotonic()
+            c = self.counters
+            while q:
+                item = q.popleft()
+                if item.bucket >= 0:
+                    self._deq(item.bucket, 1)
+                if item.expires_at < now:
+                    c.dropped_expired += 1
+                    continue
+                if not q:
+                    del self.queues[channel]
+                c.received += 1
+                return item
+            del self.queues[channel]
+            return None
+
+    def _deq(self, bucket: int, n: int) -> None:
+        """Owner-only counter; caller holds ``self.lock``."""
+        buf = self.own.buckets
+        off = bucket * 8 + 4
+        L.U32.pack_into(buf, off, (L.U32.unpack_from(buf, off)[0] + n) & 0xFFFFFFFF)
+
+    def _put(self, channel: str, item: Item, loop: asyncio.AbstractEventLoop | None) -> None:
+        """Caller holds ``self.lock``."""
+        q = self.queues.get(channel)
+        if q is None:
+            q = self.queues[channel] = deque()
+        q.append(item)
+        if channel in self.waiters:
+            self._wake_one(channel, loop)
+
+    def _wake_one(self, channel: str, loop: asyncio.AbstractEventLoop | None) -> None:
+        ws = self.waiters.get(channel)
+        while ws:
+            wloop, fut = ws.popleft()
+            if fut.done():
+                continue
+            if wloop is loop:
+                fut.set_result(None)
+            else:
+                with contextlib.suppress(RuntimeError):  # that loop is closed
+                    wloop.call_soon_threadsafe(_wake, fut)
+            break
+        if ws is not None and not ws:
+            del self.waiters[channel]
+
+    def add_waiter(
+        self, channel: str, loop: asyncio.AbstractEventLoop, fut: asyncio.Future[None]
+    ) -> None:
+        with self.lock:
+            self.waiters.setdefault(channel, deque()).append((loop, fut))
+            self.n_waiting += 1
+            n = self.loop_regs.get(loop, 0)
+            self.loop_regs[loop] = n + 1
+        if n == 0:
+            assert self.ns.bell is not None
+            loop.add_reader(self.ns.bell.fd, self._on_bell, loop)
+        if not self.ns.prepare_sleep():
+            self.drain(loop)
+
+    def remove_waiter(
+        self, channel: str, loop: asyncio.AbstractEventLoop, fut: asyncio.Future[None]
+    ) -> None:
+        with self.lock:
+            ws = self.waiters.get(channel)
+            if ws is not None:
+                with contextlib.suppress(ValueError):
+                    ws.remove((loop, fut))
+                if not ws:
+                    del self.waiters[channel]
+            self.n_waiting -= 1
+            n = self.loop_regs.get(loop, 1) - 1
+            if n <= 0:
+                self.loop_regs.pop(loop, None)
+            else:
+                self.loop_regs[loop] = n
+            if self.n_waiting == 0:
+                self.ns.set_waiting(False)
+            # a cancelled receiver that had been woken passes the wake-up on
+            if fut.cancelled() and self.queues.get(channel) and channel in self.waiters:
+                self._wake_one(channel, loop)
+        if n <= 0 and self.ns.bell is not None and not loop.is_closed():
+            loop.remove_reader(self.ns.bell.fd)
+
+    def _on_bell(self, loop: asyncio.AbstractEventLoop) -> None:
+        bell = self.ns.bell
+        if bell is None or self.closed:
+            return
+        bell.drain()
+        self.ns.set_waiting(False)  # writers skip the bell while we are awake and draining
+        self.drain(loop)
+        while self.n_waiting and not self.closed and not self.ns.prepare_sleep():
+            self.drain(loop)
+
+    # ================================================================ draining
+    def drain(self, loop: asyncio.AbstractEventLoop | None) -> int:
+        """Move every record from the ring into local queues. Returns records read."""
+        if self.ns.flush_epoch() != self.flush_seen:
+            self.check_flush()
+        ring = self.own.ring
+        if ring.tail == ring.head or self.closed:
+            return 0
+        n = 0
+        with self.read_lock:
+            upto = self.ns.flush_upto()
+            now = _monotonic()
+            while True:
+                pos = ring.head
+                try:
+                    rec = ring.try_read()
+                except RingCorrupt as exc:
+                    self.counters.dropped_corrupt += 1
+                    limited.warning("corrupt", "hybrid_layer: inbox reset: %s", exc)
+                    with self.ns.ring_locked(self.own):
+                        ring.reset()
+                    break
+                if rec is None:
+                    break
+                n += 1
+                try:
+                    self._dispatch(rec, pos, upto, now, loop)
+                except Exception:  # never let one bad record stop the pump
+                    self.counters.dropped_corrupt += 1
+                    log.exception("hybrid_layer: cannot dispatch a %s record", rec.kind)
+        return n
+
+    def _record_bucket(self, kind: int, name: str) -> int:
+        if kind == L.KIND_DIRECT:
+            addr = names.parse(name)
+            if addr is not None and addr.slot == self.slot and addr.bucket < self.K:
+                return addr.bucket
+            return -1
+        if kind == L.KIND_NORMAL:
+            return self.normal_bucket(name)
+        return -1
+
+    def _dispatch(
+        self, rec: Any, pos: int, upto: int, now: float, loop: asyncio.AbstractEventLoop | None
+    ) -> None:
+        kind = rec.kind
+        c = self.counters
+        if kind == L.KIND_CONTROL:
+            self._control(rec.name, decode_args(rec.message))
+            return
+        if pos < upto or rec.expires_at < now:
+            bucket = self._record_bucket(kind, rec.name)
+            if bucket >= 0:
+                with self.lock:
+                    self._deq(bucket, 1)
+            if pos < upto:
+                c.dropped_flushed += 1
+            else:
+                c.dropped_expired += 1
+            return
+        if kind == L.KIND_DIRECT:
+            item = Item(rec.expires_at, pos, self._record_bucket(kind, rec.name), rec.body,
+                        rec.name_len)
+            with self.lock:
+                self._put(rec.name, item, loop)
+        elif kind == L.KIND_GROUP:
+            self._fan_out(rec, pos, loop)
+        elif kind == L.KIND_NORMAL:
+            item = Item(rec.expires_at, pos, self.normal_bucket(rec.name), rec.body, rec.name_len)
+            with self.lock:
+                if rec.name in self.readers:
+                    self._put(rec.name, item, loop)
+                    return
+                if self.ns.is_leader:
+                    self.parked.setdefault(rec.name, deque()).append(item)
+                    return
+                self._deq(item.bucket, 1)
+            # not a reader (any more) and not the leader: route it on
+            r = self.send_normal(rec.name, rec.message, rec.expires_at)
+            if r != OK:
+                self._count_forward_failure(r, rec.name)
+
+    def _count_forward_failure(self, r: int, name: str) -> None:
+        if r in (FULL_CHANNEL, FULL_RING):
+            self.counters.dropped_full += 1
+            limited.warning("fwd-full", "hybrid_layer: copy for %r dropped: full", name)
+        else:
+            self.counters.dropped_no_channel += 1
+            limited.warning("fwd-none", "hybrid_layer: copy for %r dropped: no reader", name)
+
+    def _fan_out(self, rec: Any, pos: int, loop: asyncio.AbstractEventLoop | None) -> None:
+        group = rec.name
+        c = self.counters
+        with self.lock:
+            members, expired, action = self.groups.members(
+                group, time.time(), self.cfg.group_expiry
+            )
+            if action is Action.LEAVE:
+                self.own.groups.discard(name_hash("g", group))
+        if not members:
+            return
+        body = rec.body
+        name_len = rec.name_len
+        msg = None
+        for channel in members:
+            dest = route(channel, self.cfg.host_id, self.slot, self.gen)
+            if dest.route is Route.OWN and dest.address is not None:
+                bucket = dest.address.bucket
+                if bucket >= self.K:
+                    c.dropped_no_channel += 1
+                    continue
+                # the copy carries the member's channel name in the queue, the group's body
+                with self.lock:
+                    if self.own.pending(bucket) >= self.capacity_for(channel):
+                        c.dropped_full += 1
+                        limited.warning(
+                            "grp-full", "hybrid_layer: group %r copy for %r dropped: channel "
+                            "full", group, channel,
+                        )
+                        continue
+                    self._deq(bucket, -1)
+                    self._put(channel, Item(rec.expires_at, pos, bucket, body, name_len), loop)
+                c.group_copies += 1
+            else:
+                if msg is None:
+                    msg = bytes(rec.message)
+                r = self.send(channel, msg, rec.expires_at)
+                if r == OK:
+                    c.group_copies += 1
+                else:
+                    self._count_forward_failure(r, channel)
+
+    def _control(self, verb: str, args: list[Any]) -> None:
+        if verb == "reader" and self.ns.is_leader and args:
+            self.forward_parked(str(args[0]))
+
+    # ================================================================ leader duties
+    def forward_parked(self, only: str | None = None) -> None:
+        """Leader: hand parked normal-channel messages to readers that appeared."""
+        with self.lock:
+            channels = [only] if only is not None else list(self.parked)
+        now = _monotonic()
+        for channel in channels:
+            with self.lock:
+                q = self.parked.get(channel)
+                if not q:
+                    self.parked.pop(channel, None)
+                    continue
+                items = list(q)
+                q.clear()
+            keep: list[Item] = []
+            for idx, item in enumerate(items):
+                if item.expires_at < now:
+                    with self.lock:
+                        self._deq(item.bucket, 1)
+                    self.counters.dropped_expired += 1
+                    continue
+                if channel in self.readers:  # we read it ourselves
+                    with self.lock:
+                        self._put(channel, item, None)
+                    continue
+                r = self._forward_to_reader(channel, item)
+                if r == OK:
+                    with self.lock:
+                        self._deq(item.bucket, 1)
+                else:  # no reader yet, or all full: keep order, try again next tick
+                    keep.extend(items[idx:])
+                    break
+            if keep:
+                with self.lock:
+                    q = self.parked.setdefault(channel, deque())
+                    q.extendleft(reversed(keep))
+
+    def _forward_to_reader(self, channel: str, item: Item) -> int:
+        h = name_hash("n", channel)
+        msg = memoryview(item.body)[item.name_len :]
+        for i in self.ns.live_slots():
+            if i == self.slot:
+                continue
+            sv = self.ns.slot(i)
+            if sv is not None and sv.groups.maybe_contains(h):
+                r = self.ns.write(sv, 0, L.KIND_NORMAL, channel.encode(), item.expires_at, msg,
+                                  item.bucket, self.capacity_for(channel))
+                if r == OK:
+                    return OK
+        return NO_CHANNEL
+
+    def reclaim_dead(self) -> None:
+        for i in self.ns.live_slots():
+            if i == self.slot or self.ns.owner_alive(i):
+                continue
+            pid = self.ns.reg_slot(i)[2]
+            n = self.ns.reclaim(i)
+            if n >= 0:
+                self.counters.dropped_dead_reader += n
+                log.warning(
+                    "hybrid_layer: reclaimed slot %d of dead process %d (%d unread messages "
+                    "dropped, its group memberships released)", i, pid, n,
+                )
+
+    # ================================================================ maintenance
+    def check_flush(self) -> None:
+        epoch = self.ns.flush_epoch()
+        if epoch == self.flush_seen:
+            return
+        with self.lock:
+            if epoch == self.flush_seen:
+                return
+            self.flush_seen = epoch
+            upto = self.ns.flush_upto()
+            c = self.counters
+            for store in (self.queues, self.parked):
+                for channel in list(store):
+                    q = store[channel]
+                    kept = deque(i for i in q if i.pos >= upto)
+                    for item in q:
+                        if item.pos < upto:
+                            c.dropped_flushed += 1
+                            if item.bucket >= 0:
+                                self._deq(item.bucket, 1)
+                    if kept:
+                        store[channel] = kept
+                    else:
+                        del store[channel]
+            self.groups.clear()
+            self.own.groups.clear()
+            for channel in self.readers:  # readers are live receivers: keep them
+                self.own.groups.add(name_hash("n", channel))
+
+    def sweep(self) -> None:
+        """Drop expired messages from local queues (and parked ones)."""
+        now = _monotonic()
+        c = self.counters
+        with self.lock:
+            for store in (self.queues, self.parked):
+                for channel in list(store):
+                    q = store[channel]
+                    while q and q[0].expires_at < now:
+                        item = q.popleft()
+                        c.dropped_expired += 1
+                        if item.bucket >= 0:
+                            self._deq(item.bucket, 1)
+                    if not q:
+                        del store[channel]
+
+    def pending(self) -> int:
+        with self.lock:
+            return sum(len(q) for q in self.queues.values())
+
+    # ================================================================ close
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.host.stop()
+        if self.ns.is_leader and self.parked:
+            self.ns.resign()
+            dropped = sum(len(q) for q in self.parked.values())
+            self.parked.clear()
+            if dropped:
+                self.counters.dropped_no_channel += dropped
+                log.warning(
+                    "hybrid_layer: %d messages parked for normal channels without a reader "
+                    "dropped at close", dropped,
+                )
+        with self.lock:
+            waiters = [w for ws in self.waiters.values() for w in ws]
+            self.waiters.clear()
+            regs = list(self.loop_regs)
+            self.loop_regs.clear()
+        for wloop, fut in waiters:
+            with contextlib.suppress(RuntimeError):
+                wloop.call_soon_threadsafe(_fail_closed, fut)
+        bell = self.ns.bell
+        for rloop in regs:
+            if bell is None or rloop.is_closed():
+                continue
+            try:
+                running = asyncio.get_running_loop()
+            except RuntimeError:
+                running = None
+            if rloop is running:
+                rloop.remove_reader(bell.fd)
+            else:
+                with contextlib.suppress(RuntimeError):
+                    rloop.call_soon_threadsafe(rloop.remove_reader, bell.fd)
+        self.ns.publish_stats(self.counters.values())
+        self.ns.detach()
+
+    def abandon(self) -> None:
+        """In a forked child: forget the parent's attachment without touching it."""
+        self.closed = True
+        self.ns.abandon()
+
+
+def _fail_closed(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_exception(LayerClosed("the channel layer was closed while receiving"))
+
+
+class HostThread(threading.Thread):
+    """Per-process background loop: leader election, housekeeping, rescue drains.
+
+    It owns an asyncio loop so that broker mode can run the leader's AMQP connection
+    on it. It never touches the users' event loops.
+    """
+
+    def __init__(self, p: Participant) -> None:
+        super().__init__(name=f"hybrid-layer-host-{p.slot}", daemon=True)
+        self.p = p
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.ready = threading.Event()
+        self._next_reclaim = 0.0
+        self._next_sweep = 0.0
+
+    def run(self) -> None:
+        loop = self.loop = asyncio.new_event_loop()
+        rescue = self.p.ns.rescue
+        assert rescue is not None
+        fd = rescue.fd
+        loop.add_reader(fd, self._on_rescue)
+        loop.call_soon(self._tick)
+        self.ready.set()
+        try:
+            loop.run_forever()
+        finally:
+            with contextlib.suppress(Exception):
+                loop.remove_reader(fd)
+            loop.close()
+
+    def start(self) -> None:
+        super().start()
+        self.ready.wait(5)
+
+    def _on_rescue(self) -> None:
+        p = self.p
+        if p.closed or p.ns.rescue is None:
+            return
+        p.ns.rescue.drain()
+        p.drain(None)
+
+    def on_leadership(self) -> None:
+        log.info("hybrid_layer: pid %d leads host %s", os.getpid(), self.p.cfg.host_id)
+        self._next_reclaim = 0.0
+
+    def _tick(self) -> None:
+        p = self.p
+        if p.closed or self.loop is None:
+            return
+        try:
+            now = _monotonic()
+            if not p.ns.is_leader and p.ns.try_lead():
+                self.on_leadership()
+            if p.ns.is_leader and now >= self._next_reclaim:
+                self._next_reclaim = now + RECLAIM_EVERY
+                p.reclaim_dead()
+                if p.parked:
+                    p.forward_parked()
+            if now >= self._next_sweep:
+                self._next_sweep = now + SWEEP_EVERY
+                p.drain(None)
+                p.sweep()
+                p.ns.publish_stats(p.counters.values())
+        except Exception:
+            log.exception("hybrid_layer: housekeeping failed; retrying")
+        self.loop.call_later(TICK, self._tick)
+
+    def stop(self) -> None:
+        loop = self.loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(loop.stop)
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(5)

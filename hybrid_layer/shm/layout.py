@@ -1,0 +1,149 @@
+"""Pure description of every shared-memory object of a host namespace: names, offsets, formats.
+
+A *namespace* (``hl.<prefix>.<host_id>``) consists of
+
+* ``<shm_dir>/<ns>.lock`` - a regular file whose bytes carry the fcntl OFD locks (below);
+* ``/<ns>.reg`` - the registry segment: a header and one small record per participant slot;
+* ``/<ns>.s<i>`` - slot *i*'s segment: ring control, capacity buckets, group set, ring data;
+* ``<shm_dir>/<ns>.bell<i>`` and ``<ns>.rescue<i>`` - FIFOs that wake slot *i*'s owner.
+
+Lock bytes in the lock file (fcntl *open file description* locks, released by the kernel
+when the holder dies - this is what makes the layer survive SIGKILL at any instruction):
+
+* ``INIT_LOCK``: held while a process attaches or detaches (creation, last-out cleanup);
+* ``LEADER_LOCK``: the host's leader lease;
+* ``SLOT_LOCK_BASE + i``: held by slot *i*'s owner for its whole life (liveness);
+* ``RING_LOCK_BASE + i``: serialises writers into slot *i*'s ring.
+
+Nothing here touches the OS; everything is offsets, sizes and struct formats.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+MAGIC = 0x48594252_4C415931  # "HYBRLAY1"
+VERSION = 1
+
+INIT_LOCK = 0
+LEADER_LOCK = 1
+FLUSH_LOCK = 2
+SLOT_LOCK_BASE = 0x10000
+RING_LOCK_BASE = 0x20000
+
+PAGE = 4096
+
+# ---------------------------------------------------------------- registry segment
+# header: magic, version, ring_bytes, max_participants, channel_buckets, group_slots,
+#         leader_slot, leader_gen, leader_pid, leader_epoch, flush_epoch, slots_epoch,
+#         created
+# (8-byte fields are 8-aligned so that each store is a single untorn write)
+REG_HEADER = struct.Struct("<QI4xQIII4xiIi4xQQQd")
+H_LEADER = 40  # leader_slot, leader_gen, leader_pid
+H_LEADER_EPOCH = 56
+H_FLUSH_EPOCH = 64
+H_SLOTS_EPOCH = 72
+LEADER_FIELDS = struct.Struct("<iIi")
+REG_SLOT = struct.Struct("<IIid")  # state, gen, pid, started
+REG_SLOT_SIZE = 512
+REG_STATS_OFFSET = 64  # inside a registry slot record: mirrored statistics counters
+STATS_FIELDS = (
+    "sent",
+    "received",
+    "group_sends",
+    "group_copies",
+    "raised_full",
+    "raised_too_large",
+    "dropped_full",
+    "dropped_expired",
+    "dropped_no_channel",
+    "dropped_corrupt",
+    "dropped_dead_reader",
+    "dropped_flushed",
+)
+REG_STATS = struct.Struct("<" + "Q" * len(STATS_FIELDS))
+
+SLOT_FREE = 0
+SLOT_LIVE = 1
+
+# ---------------------------------------------------------------- slot segment
+# control page: head and tail on their own cache lines, then fields written by the owner.
+CTRL_HEAD = 0  # u64, written by the owner (reader) only
+CTRL_TAIL = 64  # u64, written by writers holding the ring lock
+CTRL_WAITING = 128  # u32, owner: "a receiver may be asleep, ring the bell"
+CTRL_GEN = 132  # u32, incarnation of the slot's owner (set under the ring lock)
+CTRL_STATE = 136  # u32, SLOT_LIVE / SLOT_FREE (set under the ring lock)
+CTRL_FLUSH_UPTO = 144  # u64, flush(): records before this ring position are discarded
+CTRL_GROUP_SEQ = 192  # u64 seqlock of the group set, owner-written
+CTRL_GROUP_USED = 200  # u32 entries in use (live + tombstones), owner-written
+U64 = struct.Struct("<Q")
+U32 = struct.Struct("<I")
+
+# capacity buckets: per bucket two u32 counters, ``enq`` (writers, under the ring lock)
+# and ``deq`` (owner only). pending = (enq - deq) mod 2**32.
+BUCKET = struct.Struct("<II")
+
+# ring records: header then body (name bytes, then the msgpack message)
+# total body length, magic, kind, name length, expires_at (CLOCK_MONOTONIC seconds)
+RECORD = struct.Struct("<IHBBd")
+RECORD_MAGIC = 0xB17E
+KIND_DIRECT = 1  # to a process channel of the owner
+KIND_GROUP = 2  # a group message: the owner fans it out to its local members
+KIND_NORMAL = 3  # to a normal (multi-reader) channel
+KIND_CONTROL = 4  # control verb in the name field, msgpack arguments in the body
+KINDS = frozenset({KIND_DIRECT, KIND_GROUP, KIND_NORMAL, KIND_CONTROL})
+ALIGN = 16  # = record header size: a header never straddles the end
+
+
+def align(n: int) -> int:
+    return (n + ALIGN - 1) & ~(ALIGN - 1)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+@dataclass(frozen=True, slots=True)
+class SlotLayout:
+    """Offsets inside one slot segment for a given sizing."""
+
+    ring_bytes: int
+    channel_buckets: int
+    group_slots: int
+
+    @classmethod
+    def for_sizes(cls, ring_bytes: int, channel_buckets: int, max_groups: int) -> SlotLayout:
+        # group set at most half full: 2x entries, rounded to a power of two
+        return cls(align(ring_bytes), channel_buckets, next_pow2(2 * max_groups))
+
+    @property
+    def buckets_offset(self) -> int:
+        return PAGE
+
+    @property
+    def bucket_count(self) -> int:
+        """Process-channel buckets followed by normal-channel buckets."""
+        return 2 * self.channel_buckets
+
+    @property
+    def groups_offset(self) -> int:
+        end = self.buckets_offset + self.bucket_count * BUCKET.size
+        return (end + PAGE - 1) // PAGE * PAGE
+
+    @property
+    def ring_offset(self) -> int:
+        end = self.groups_offset + self.group_slots * 8
+        return (end + PAGE - 1) // PAGE * PAGE
+
+    @property
+    def size(self) -> int:
+        return self.ring_offset + self.ring_bytes
+
+
+def registry_size(max_participants: int) -> int:
+    return PAGE + max_participants * REG_SLOT_SIZE
+
+
+def reg_slot_offset(i: int) -> int:
+    return PAGE + i * REG_SLOT_SIZE

@@ -1,0 +1,536 @@
+"""A process's attachment to its host namespace: slots, rings, liveness, cleanup.
+
+Attach: take ``INIT_LOCK``; create the registry, or validate it (a stale set left by a
+crash - no slot lock held by anyone - is re-initialised, a live one with another layout
+is refused); claim the first slot whose liveness lock is free; bump its incarnation and
+reset its ring under the ring lock; release ``INIT_LOCK``.
+
+Detach: mark the slot free; under ``INIT_LOCK`` release the slot lock; if no slot lock
+is held by anyone the caller was the last one out and unlinks every name.
+
+Everything here is called from the layer's code with no event loop involved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from typing import NamedTuple
+
+from ..config import LayerConfig
+from ..errors import NamespaceFull, NamespaceMismatch
+from . import layout as L
+from .doorbell import Bell, BellPush
+from .groupset import GroupSet
+from .locks import LockFile
+from .ring import Ring
+from .segment import Segment, unlink
+
+log = logging.getLogger("hybrid_layer")
+
+# results of a write into a ring
+OK = 0
+FULL_CHANNEL = 1
+FULL_RING = 2
+NO_CHANNEL = 3
+
+
+class SlotView:
+    """A mapping of one slot's segment, as seen by any process."""
+
+    __slots__ = ("bell", "buckets", "ctrl", "groups", "index", "rescue", "ring", "seg", "tlock")
+
+    def __init__(self, seg: Segment, lay: L.SlotLayout, index: int, bell: str, rescue: str):
+        self.seg = seg
+        self.index = index
+        self.ctrl = seg.view(0, L.PAGE)
+        self.buckets = seg.view(lay.buckets_offset, lay.buckets_offset + lay.bucket_count * 8)
+        self.groups = GroupSet(self.ctrl, seg.view(lay.groups_offset, lay.ring_offset))
+        self.ring = Ring(self.ctrl, seg.view(lay.ring_offset, lay.size))
+        self.bell = BellPush(bell)
+        self.rescue = BellPush(rescue)
+        self.tlock = threading.Lock()
+
+    @property
+    def gen(self) -> int:
+        return int(L.U32.unpack_from(self.ctrl, L.CTRL_GEN)[0])
+
+    @property
+    def live(self) -> bool:
+        return bool(L.U32.unpack_from(self.ctrl, L.CTRL_STATE)[0] == L.SLOT_LIVE)
+
+    def pending(self, bucket: int) -> int:
+        enq, deq = L.BUCKET.unpack_from(self.buckets, bucket * 8)
+        return int((enq - deq) & 0xFFFFFFFF)
+
+    def close(self) -> None:
+        self.bell.close()
+        self.rescue.close()
+        self.seg.close()
+
+
+class Leader(NamedTuple):
+    slot: int
+    gen: int
+    pid: int
+    epoch: int
+
+
+class Namespace:
+    """One participant's view of the host namespace. Not shared across ``fork()``."""
+
+    def __init__(self, cfg: LayerConfig) -> None:
+        self.cfg = cfg
+        self.ns = cfg.namespace
+        self.lay = L.SlotLayout.for_sizes(
+            cfg.ring_bytes, cfg.channel_buckets, cfg.max_groups_per_process
+        )
+        self.max_p = cfg.max_participants
+        self.lock_path = f"{cfg.shm_dir}/{self.ns}.lock"
+        self.reg_name = f"/{self.ns}.reg"
+        self.slots: dict[int, SlotView] = {}
+        self.slots_lock = threading.Lock()
+        self.lockfile: LockFile | None = None
+        self.reg: Segment | None = None
+        self.reg_hdr: memoryview = memoryview(b"")
+        self.me = -1
+        self.gen = 0
+        self.own: SlotView | None = None
+        self.bell: Bell | None = None
+        self.rescue: Bell | None = None
+        self.is_leader = False
+        self._live_cache: tuple[int, list[int]] = (-1, [])
+
+    # ------------------------------------------------------------------ names
+    def slot_name(self, i: int) -> str:
+        return f"/{self.ns}.s{i}"
+
+    def bell_path(self, i: int) -> str:
+        return f"{self.cfg.shm_dir}/{self.ns}.bell{i}"
+
+    def rescue_path(self, i: int) -> str:
+        return f"{self.cfg.shm_dir}/{self.ns}.rescue{i}"
+
+    # ------------------------------------------------------------------ attach
+    @contextlib.contextmanager
+    def _init_locked(self) -> Iterator[LockFile]:
+        assert self.lockfile is not None
+        self.lockfile.acquire(L.INIT_LOCK)
+        try:
+            yield self.lockfile
+        finally:
+            self.lockfile.release(L.INIT_LOCK)
+
+    def _open_lockfile(self) -> LockFile:
+        while True:
+            lf = LockFile(self.lock_path, self.cfg.mode)
+            lf.acquire(L.INIT_LOCK)
+            if lf.is_current():
+                return lf  # INIT_LOCK held
+            lf.close()  # the last one out unlinked it while we waited: start again
+
+    def attach(self) -> None:
+        lf = self.lockfile = self._open_lockfile()
+        try:
+            self._open_registry(anyone_alive=lf.held_by_other(L.SLOT_LOCK_BASE, self.max_p))
+            for i in range(self.max_p):
+                if lf.acquire(L.SLOT_LOCK_BASE + i, blocking=False):
+                    break
+            else:
+                raise NamespaceFull(
+                    f"all {self.max_p} participant slots of {self.ns} are held by live "
+                    "processes; raise CONFIG['max_participants']"
+                )
+            try:
+                self._claim(i)
+            except BaseException:
+                lf.release(L.SLOT_LOCK_BASE + i)
+                raise
+        except BaseException:
+            lf.release(L.INIT_LOCK)
+            self._close_maps()
+            lf.close()
+            self.lockfile = None
+            raise
+        lf.release(L.INIT_LOCK)
+
+    def _header_values(self) -> tuple[int, ...]:
+        return (L.MAGIC, L.VERSION, self.lay.ring_bytes, self.max_p, self.lay.channel_buckets,
+                self.lay.group_slots)
+
+    def _open_registry(self, anyone_alive: bool) -> None:
+        size = L.registry_size(self.max_p)
+        try:
+            reg = Segment(self.reg_name, size, self.cfg.mode, create=not anyone_alive)
+        except ValueError:  # exists with another size while others are alive
+            raise NamespaceMismatch(
+                f"{self.ns} is in use with a different max_participants; every process of a "
+                "host must use the same sizing keys"
+            ) from None
+        hdr = reg.buf[: L.REG_HEADER.size]
+        current = L.REG_HEADER.unpack_from(hdr)[:6]
+        if anyone_alive:
+            if tuple(current) != self._header_values():
+                reg.close()
+                raise NamespaceMismatch(
+                    f"{self.ns} is in use by live processes with another layout "
+                    f"{current[2:]}, this process wants {self._header_values()[2:]} "
+                    "(ring_bytes, max_participants, channel_buckets, group slots); every "
+                    "process of a host must use the same sizing keys"
+                )
+        else:
+            # first one in, or a stale set left by a crash: (re)initialise everything
+            if not reg.created and tuple(current) == self._header_values():
+                log.info("hybrid_layer: reusing stale shared memory set %s", self.ns)
+            reg.buf[:] = bytes(size)
+            L.REG_HEADER.pack_into(
+                reg.buf, 0, *self._header_values(), -1, 0, 0, 0, 0, 0, time.time()
+            )
+            for i in range(self.max_p):
+                self._unlink_stale_slot(i)
+        self.reg = reg
+        self.reg_hdr = reg.view(0, L.PAGE)
+
+    def _unlink_stale_slot(self, i: int) -> None:
+        # a stale slot segment may have another size (layout changed): start clean
+        unlink(self.slot_name(i))
+
+    def _slot_segment(self, i: int, *, create: bool) -> SlotView | None:
+        with self.slots_lock:
+            sv = self.slots.get(i)
+            if sv is not None:
+                return sv
+            try:
+                seg = Segment(self.slot_name(i), self.lay.size, self.cfg.mode, create=create)
+            except (ValueError, OSError) as exc:
+                if create:
+                    raise
+                log.debug("cannot open slot %d: %s", i, exc)
+                return None
+            except Exception:  # posix_ipc.ExistentialError: no such segment
+                if create:
+                    raise
+                return None
+            sv = SlotView(seg, self.lay, i, self.bell_path(i), self.rescue_path(i))
+            self.slots[i] = sv
+            return sv
+
+    def _claim(self, i: int) -> None:
+        assert self.reg is not None
+        if self._reg_state(i) == L.SLOT_LIVE:
+            self._reclaim_locked(i)  # a dead owner nobody reclaimed yet
+        sv = self._slot_segment(i, create=True)
+        assert sv is not None
+        self.bell = Bell(self.bell_path(i), self.cfg.mode)
+        self.rescue = Bell(self.rescue_path(i), self.cfg.mode)
+        with self.ring_locked(sv):
+            gen = (max(sv.gen, self._reg_gen(i)) + 1) & 0xFFFFFFFF or 1
+            sv.ring.reset()
+            sv.buckets[:] = bytes(len(sv.buckets))
+            sv.groups.clear()
+            L.U32.pack_into(sv.ctrl, L.CTRL_WAITING, 0)
+            L.U32.pack_into(sv.ctrl, L.CTRL_GEN, gen)
+            L.U32.pack_into(sv.ctrl, L.CTRL_STATE, L.SLOT_LIVE)
+        self.me, self.gen, self.own = i, gen, sv
+        off = L.reg_slot_offset(i)
+        self.reg.buf[off : off + L.REG_SLOT_SIZE] = bytes(L.REG_SLOT_SIZE)
+        L.REG_SLOT.pack_into(self.reg.buf, off, L.SLOT_LIVE, gen, os.getpid(), time.time())
+        self._bump_slots_epoch()
+
+    def _reg_state(self, i: int) -> int:
+        assert self.reg is not None
+        return int(L.REG_SLOT.unpack_from(self.reg.buf, L.reg_slot_offset(i))[0])
+
+    def _reg_gen(self, i: int) -> int:
+        assert self.reg is not None
+        return int(L.REG_SLOT.unpack_from(self.reg.buf, L.reg_slot_offset(i))[1])
+
+    def reg_slot(self, i: int) -> tuple[int, int, int, float]:
+        assert self.reg is not None
+        state, gen, pid, started = L.REG_SLOT.unpack_from(self.reg.buf, L.reg_slot_offset(i))
+        return state, gen, pid, started
+
+    def _bump_slots_epoch(self) -> None:
+        e = L.U64.unpack_from(self.reg_hdr, L.H_SLOTS_EPOCH)[0]
+        L.U64.pack_into(self.reg_hdr, L.H_SLOTS_EPOCH, e + 1)
+
+    # ------------------------------------------------------------------ rings
+    @contextlib.contextmanager
+    def ring_locked(self, sv: SlotView) -> Iterator[None]:
+        lf = self.lockfile
+        assert lf is not None
+        with sv.tlock:
+            lf.acquire(L.RING_LOCK_BASE + sv.index)
+            try:
+                yield
+            finally:
+                lf.release(L.RING_LOCK_BASE + sv.index)
+
+    def slot(self, i: int) -> SlotView | None:
+        sv = self.slots.get(i)
+        if sv is None and 0 <= i < self.max_p:
+            sv = self._slot_segment(i, create=False)
+        return sv
+
+    def write(
+        self,
+        sv: SlotView,
+        gen: int,
+        kind: int,
+        name: bytes,
+        expires_at: float,
+        message: bytes | memoryview,
+        bucket: int,
+        capacity: int,
+    ) -> int:
+        """Write one record into slot ``sv``'s ring; one of OK/FULL_*/NO_CHANNEL.
+
+        ``gen`` 0 accepts any live incarnation; ``bucket`` -1 skips the capacity check.
+        """
+        lf = self.lockfile
+        assert lf is not None
+        ctrl = sv.ctrl
+        lock_byte = L.RING_LOCK_BASE + sv.index
+        with sv.tlock:
+            lf.acquire(lock_byte)
+            try:
+                g, state = _GEN_STATE.unpack_from(ctrl, L.CTRL_GEN)
+                if state != L.SLOT_LIVE or (gen and g != gen):
+                    return NO_CHANNEL
+                if bucket >= 0:
+                    enq, deq = L.BUCKET.unpack_from(sv.buckets, bucket * 8)
+                    if (enq - deq) & 0xFFFFFFFF >= capacity:
+                        return FULL_CHANNEL
+                ring = sv.ring
+                before = ring.used()
+                if not ring.try_write(kind, name, expires_at, message):
+                    waiting = True
+                    used = ring.size
+                    result = FULL_RING
+                else:
+                    if bucket >= 0:
+                        L.U32.pack_into(sv.buckets, bucket * 8, (enq + 1) & 0xFFFFFFFF)
+                    waiting = bool(L.U32.unpack_from(ctrl, L.CTRL_WAITING)[0])
+                    used = ring.used()
+                    result = OK
+            finally:
+                lf.release(lock_byte)
+        if waiting:
+            sv.bell.ring()
+        half = sv.ring.size >> 1
+        if used > half >= before or result == FULL_RING:
+            sv.rescue.ring()  # the owner's host thread drains even if no one receives
+        return result
+
+    def prepare_sleep(self) -> bool:
+        """Owner: announce a sleeping receiver. True if the ring is empty (safe to sleep)."""
+        sv = self.own
+        assert sv is not None
+        with self.ring_locked(sv):
+            L.U32.pack_into(sv.ctrl, L.CTRL_WAITING, 1)
+            return sv.ring.used() == 0
+
+    def set_waiting(self, flag: bool) -> None:
+        assert self.own is not None
+        L.U32.pack_into(self.own.ctrl, L.CTRL_WAITING, 1 if flag else 0)
+
+    # ------------------------------------------------------------------ liveness
+    def live_slots(self) -> list[int]:
+        """Slots with a live owner per the registry; cached until a slot changes hands."""
+        epoch = L.U64.unpack_from(self.reg_hdr, L.H_SLOTS_EPOCH)[0]
+        cached_epoch, cached = self._live_cache
+        if epoch == cached_epoch:
+            return cached
+        live = [i for i in range(self.max_p) if self._reg_state(i) == L.SLOT_LIVE]
+        self._live_cache = (epoch, live)
+        return live
+
+    def owner_alive(self, i: int) -> bool:
+        if i == self.me:
+            return True
+        assert self.lockfile is not None
+        return self.lockfile.held_by_other(L.SLOT_LOCK_BASE + i)
+
+    def reclaim(self, i: int) -> int:
+        """Free slot ``i`` if its owner died. Returns records dropped, -1 if alive."""
+        lf = self.lockfile
+        if lf is None or i == self.me:
+            return -1
+        with self._init_locked():
+            if not lf.acquire(L.SLOT_LOCK_BASE + i, blocking=False):
+                return -1
+            try:
+                if self._reg_state(i) != L.SLOT_LIVE:
+                    return 0
+                return self._reclaim_locked(i)
+            finally:
+                lf.release(L.SLOT_LOCK_BASE + i)
+
+    def _reclaim_locked(self, i: int) -> int:
+        """Caller holds INIT_LOCK and slot ``i``'s liveness lock."""
+        assert self.reg is not None
+        dropped = 0
+        sv = self._slot_segment(i, create=False)
+        if sv is not None:
+            with self.ring_locked(sv):
+                while True:
+                    try:
+                        rec = sv.ring.try_read()
+                    except Exception:
+                        dropped += 1
+                        break
+                    if rec is None:
+                        break
+                    if rec.kind != L.KIND_CONTROL:
+                        dropped += 1
+                sv.ring.reset()
+                L.U32.pack_into(sv.ctrl, L.CTRL_STATE, L.SLOT_FREE)
+                L.U32.pack_into(sv.ctrl, L.CTRL_WAITING, 0)
+        off = L.reg_slot_offset(i)
+        L.U32.pack_into(self.reg.buf, off, L.SLOT_FREE)
+        self._bump_slots_epoch()
+        return dropped
+
+    # ------------------------------------------------------------------ leader
+    def try_lead(self) -> bool:
+        """Take the leader lease if it is free; publish ourselves as leader."""
+        if self.is_leader:
+            return True
+        lf = self.lockfile
+        if lf is None or not lf.acquire(L.LEADER_LOCK, blocking=False):
+            return False
+        self.is_leader = True
+        epoch = L.U64.unpack_from(self.reg_hdr, L.H_LEADER_EPOCH)[0] + 1
+        L.LEADER_FIELDS.pack_into(self.reg_hdr, L.H_LEADER, self.me, self.gen, os.getpid())
+        L.U64.pack_into(self.reg_hdr, L.H_LEADER_EPOCH, epoch)
+        return True
+
+    def leader(self) -> Leader:
+        slot, gen, pid = L.LEADER_FIELDS.unpack_from(self.reg_hdr, L.H_LEADER)
+        epoch = L.U64.unpack_from(self.reg_hdr, L.H_LEADER_EPOCH)[0]
+        return Leader(slot, gen, pid, epoch)
+
+    def resign(self) -> None:
+        if self.is_leader and self.lockfile is not None:
+            L.LEADER_FIELDS.pack_into(self.reg_hdr, L.H_LEADER, -1, 0, 0)
+            self.lockfile.release(L.LEADER_LOCK)
+        self.is_leader = False
+
+    # ------------------------------------------------------------------ flush
+    def flush_epoch(self) -> int:
+        return int(L.U64.unpack_from(self.reg_hdr, L.H_FLUSH_EPOCH)[0])
+
+    def flush_all(self) -> None:
+        """Mark everything now in every live ring as flushed, then bump the flush epoch.
+
+        Owners discard records before ``CTRL_FLUSH_UPTO`` when they read them, and drop
+        what they had already queued locally from before that position when they see
+        the new epoch. Only the owner ever moves ``head``.
+        """
+        lf = self.lockfile
+        assert lf is not None
+        touched = []
+        lf.acquire(L.FLUSH_LOCK)
+        try:
+            for i in self.live_slots():
+                sv = self.slot(i)
+                if sv is None:
+                    continue
+                with self.ring_locked(sv):
+                    L.U64.pack_into(sv.ctrl, L.CTRL_FLUSH_UPTO, sv.ring.tail)
+                touched.append(sv)
+            L.U64.pack_into(self.reg_hdr, L.H_FLUSH_EPOCH, self.flush_epoch() + 1)
+        finally:
+            lf.release(L.FLUSH_LOCK)
+        for sv in touched:
+            if sv.index != self.me:
+                sv.bell.ring()
+                sv.rescue.ring()
+
+    def flush_upto(self) -> int:
+        assert self.own is not None
+        return int(L.U64.unpack_from(self.own.ctrl, L.CTRL_FLUSH_UPTO)[0])
+
+    # ------------------------------------------------------------------ stats mirror
+    def publish_stats(self, values: tuple[int, ...]) -> None:
+        if self.reg is not None and self.me >= 0:
+            L.REG_STATS.pack_into(self.reg.buf, L.reg_slot_offset(self.me) + L.REG_STATS_OFFSET,
+                                  *values)
+
+    def slot_stats(self, i: int) -> tuple[int, ...]:
+        assert self.reg is not None
+        return tuple(L.REG_STATS.unpack_from(self.reg.buf, L.reg_slot_offset(i) + L.REG_STATS_OFFSET))
+
+    # ------------------------------------------------------------------ detach
+    def detach(self) -> bool:
+        """Leave the namespace. True if this was the last process and names were removed."""
+        lf = self.lockfile
+        if lf is None:
+            return False
+        last = False
+        try:
+            if self.own is not None:
+                with self.ring_locked(self.own):
+                    L.U32.pack_into(self.own.ctrl, L.CTRL_STATE, L.SLOT_FREE)
+                    L.U32.pack_into(self.own.ctrl, L.CTRL_WAITING, 0)
+                    self.own.ring.reset()
+            self.resign()
+            with self._init_locked():
+                if self.reg is not None and self.me >= 0:
+                    L.U32.pack_into(self.reg.buf, L.reg_slot_offset(self.me), L.SLOT_FREE)
+                    self._bump_slots_epoch()
+                if self.me >= 0:
+                    lf.release(L.SLOT_LOCK_BASE + self.me)
+                if not lf.held_by_other(L.SLOT_LOCK_BASE, self.max_p):
+                    last = True
+                    self._unlink_all()
+        finally:
+            for b in (self.bell, self.rescue):
+                if b is not None:
+                    b.close()
+            self._close_maps()
+            lf.close()
+            self.lockfile = None
+            self.me = -1
+        return last
+
+    def _unlink_all(self) -> None:
+        unlink(self.reg_name)
+        for i in range(self.max_p):
+            unlink(self.slot_name(i))
+            for path in (self.bell_path(i), self.rescue_path(i)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.lock_path)  # still holding INIT_LOCK: waiters will retry
+
+    def _close_maps(self) -> None:
+        for sv in self.slots.values():
+            sv.close()
+        self.slots.clear()
+        self.own = None
+        if self.reg is not None:
+            self.reg.close()
+            self.reg = None
+        self.reg_hdr = memoryview(b"")
+
+    def abandon(self) -> None:
+        """After fork(): drop the parent's objects without touching shared state."""
+        for sv in self.slots.values():
+            sv.bell.close()
+            sv.rescue.close()
+        for b in (self.bell, self.rescue):
+            if b is not None:
+                b.close()
+        if self.lockfile is not None:
+            self.lockfile.close()  # the parent's OFD stays alive (and locked) in the parent
+        self._close_maps()
+        self.lockfile = None
+        self.me = -1
+
+
+_GEN_STATE = L.struct.Struct("<II")

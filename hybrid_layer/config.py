@@ -46,7 +46,7 @@ class LayerConfig:
     group_expiry: float = 86400.0
     capacity: int = 100
     channel_capacity: tuple[tuple[re.Pattern[str], int], ...] = ()
-    max_message_bytes: int = 1 * MIB
+    max_message_bytes: int = 2 * MIB
     ring_bytes: int = 4 * MIB
     max_participants: int = 64
     channel_buckets: int = 4096
@@ -149,7 +149,7 @@ def parse_config(raw: Mapping[str, Any] | None = None, **kwargs: Any) -> LayerCo
     if "channel_capacity" in values and values["channel_capacity"] is not None:
         out["channel_capacity"] = _capacities(values["channel_capacity"])
     mmb = _number(
-        "max_message_bytes", values.get("max_message_bytes", MIB), minimum=1024, integer=True
+        "max_message_bytes", values.get("max_message_bytes", 2 * MIB), minimum=1024, integer=True
     )
     if mmb > 256 * MIB:
         raise ValueError(f"CONFIG['max_message_bytes'] must be at most 256 MiB, got {mmb}")

@@ -303,13 +303,14 @@ class Participant:
                 self.loop_regs.pop(loop, None)
             else:
                 self.loop_regs[loop] = n
-            if self.n_waiting == 0:
+            if self.n_waiting == 0 and not self.closed:
                 self.ns.set_waiting(False)
             # a cancelled receiver that had been woken passes the wake-up on
             if fut.cancelled() and self.queues.get(channel) and channel in self.waiters:
                 self._wake_one(channel, loop)
-        if n <= 0 and self.ns.bell is not None and not loop.is_closed():
-            loop.remove_reader(self.ns.bell.fd)
+        bell = self.ns.bell
+        if n <= 0 and bell is not None and bell.fd >= 0 and not loop.is_closed():
+            loop.remove_reader(bell.fd)
 
     def _on_bell(self, loop: asyncio.AbstractEventLoop) -> None:
         bell = self.ns.bell

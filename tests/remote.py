@@ -1,0 +1,200 @@
+"""A participant in a separate (spawned) process, driven over a pipe.
+
+Tests use it to put several real processes on one host namespace and tell each what to
+do. Commands run in one persistent event loop in the child; ``collect`` starts a
+background receiver so that a process can receive while it is told to do other things.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import os
+import signal
+import time
+import traceback
+from typing import Any
+
+CTX = mp.get_context("spawn")
+
+
+class RemoteError(Exception):
+    pass
+
+
+def _serve(conn: Any, config: dict[str, Any]) -> None:
+    asyncio.run(_main(conn, config))
+
+
+async def _main(conn: Any, config: dict[str, Any]) -> None:
+    from hybrid_layer import HybridChannelLayer
+    from hybrid_layer.errors import ChannelFull
+
+    layer = HybridChannelLayer(**config)
+    loop = asyncio.get_running_loop()
+    collected: dict[str, list[Any]] = {}
+    tasks: dict[str, asyncio.Task[None]] = {}
+    done = asyncio.Event()
+    inbox: asyncio.Queue[Any] = asyncio.Queue()
+
+    def readable() -> None:
+        try:
+            inbox.put_nowait(conn.recv())
+        except EOFError:
+            inbox.put_nowait(("exit",))
+
+    loop.add_reader(conn.fileno(), readable)
+
+    async def collect(channel: str, n: int) -> None:
+        out = collected.setdefault(channel, [])
+        for _ in range(n):
+            out.append(await layer.receive(channel))
+
+    async def handle(cmd: str, *args: Any) -> Any:
+        if cmd == "pid":
+            return os.getpid()
+        if cmd == "new_channel":
+            return await layer.new_channel(*args)
+        if cmd == "send":
+            await layer.send(*args)
+            return None
+        if cmd == "send_many":  # channel, messages -> number sent before ChannelFull
+            channel, messages = args
+            for i, m in enumerate(messages):
+                try:
+                    await layer.send(channel, m)
+                except ChannelFull:
+                    return i
+            return len(messages)
+        if cmd == "receive":
+            channel, timeout = args
+            return await asyncio.wait_for(layer.receive(channel), timeout)
+        if cmd == "receive_many":
+            channel, n, timeout = args
+            return [await asyncio.wait_for(layer.receive(channel), timeout) for _ in range(n)]
+        if cmd == "collect":
+            channel, n = args
+            tasks[channel] = asyncio.create_task(collect(channel, n))
+            return None
+        if cmd == "collected":
+            (channel,) = args
+            return list(collected.get(channel, []))
+        if cmd == "wait_collected":
+            channel, timeout = args
+            await asyncio.wait_for(asyncio.shield(tasks[channel]), timeout)
+            return list(collected.get(channel, []))
+        if cmd == "group_add":
+            await layer.group_add(*args)
+            return None
+        if cmd == "group_discard":
+            await layer.group_discard(*args)
+            return None
+        if cmd == "group_send":
+            await layer.group_send(*args)
+            return None
+        if cmd == "flush":
+            await layer.flush()
+            return None
+        if cmd == "stats":
+            return layer.statistics()
+        if cmd == "global_stats":
+            return layer.global_statistics()
+        if cmd == "internals":  # slot, gen, pid
+            p = layer._p()
+            return {"slot": p.slot, "gen": p.gen, "pid": os.getpid(),
+                    "is_leader": p.ns.is_leader}
+        if cmd == "hold_ring_lock":  # slot index: take its ring lock and never let go
+            from hybrid_layer.shm.layout import RING_LOCK_BASE
+
+            p = layer._p()
+            p.ns.lockfile.acquire(RING_LOCK_BASE + args[0])
+            return None
+        if cmd == "half_write":  # slot: write half a record without publishing, hold lock
+            from hybrid_layer.shm.layout import RING_LOCK_BASE
+
+            p = layer._p()
+            sv = p.ns.slot(args[0])
+            p.ns.lockfile.acquire(RING_LOCK_BASE + args[0])
+            ring = sv.ring
+            off = ring.tail % ring.size
+            n = min(64, ring.size - off)
+            ring.data[off : off + n] = b"\xee" * n
+            return None
+        if cmd == "inject_garbage":  # slot: publish a record with a bad header
+            from hybrid_layer.shm.layout import CTRL_TAIL, U64
+
+            p = layer._p()
+            sv = p.ns.slot(args[0])
+            with p.ns.ring_locked(sv):
+                ring = sv.ring
+                off = ring.tail % ring.size
+                ring.data[off : off + 32] = b"\xde\xad\xbe\xef" * 8
+                U64.pack_into(sv.ctrl, CTRL_TAIL, ring.tail + 32)
+            return None
+        if cmd == "close":
+            await layer.close()
+            done.set()
+            return None
+        if cmd == "exit":
+            done.set()
+            return None
+        raise RemoteError(f"unknown command {cmd}")
+
+    async def pump() -> None:
+        while not done.is_set():
+            msg = await inbox.get()
+            try:
+                result = await handle(*msg)
+                conn.send(("ok", result))
+            except BaseException as exc:  # report to the test, keep serving
+                conn.send(("err", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+
+    await pump()
+    loop.remove_reader(conn.fileno())
+
+
+class Remote:
+    """Handle on one participant process."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+        self.conn, child = CTX.Pipe()
+        self.proc = CTX.Process(target=_serve, args=(child, config), daemon=True)
+        self.proc.start()
+        child.close()
+        self.pid = self.call("pid")
+
+    def call(self, *cmd: Any, timeout: float = 30) -> Any:
+        self.conn.send(cmd)
+        if not self.conn.poll(timeout):
+            raise TimeoutError(f"remote {self.proc.pid} did not answer {cmd[0]} in {timeout}s")
+        status, value = self.conn.recv()
+        if status == "err":
+            raise RemoteError(value)
+        return value
+
+    def kill(self) -> None:
+        if self.proc.is_alive():
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.join(10)
+
+    def close(self) -> None:
+        if self.proc.is_alive():
+            try:
+                self.call("close", timeout=15)
+                self.conn.send(("exit",))
+            except (TimeoutError, OSError, EOFError, RemoteError):
+                pass
+            self.proc.join(10)
+            if self.proc.is_alive():
+                self.kill()
+        self.conn.close()
+
+
+def wait_until(pred: Any, timeout: float, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(interval)
+    return bool(pred())

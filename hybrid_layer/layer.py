@@ -9,6 +9,8 @@ lazily on first use in each process (so an object created before ``fork()`` - gu
 from __future__ import annotations
 
 import asyncio
+import atexit
+import logging
 import os
 import threading
 import time
@@ -254,4 +256,15 @@ def _after_fork_in_child() -> None:
         layer._after_fork_in_child()
 
 
+def _close_all_at_exit() -> None:
+    """Servers rarely call ``close()``: leave the namespace cleanly at interpreter exit,
+    so the last process out still removes the shared-memory names."""
+    for layer in list(_layers):
+        try:
+            layer.close_sync()
+        except Exception:  # pragma: no cover - best effort at exit
+            logging.getLogger("hybrid_layer").exception("hybrid_layer: close at exit failed")
+
+
 os.register_at_fork(after_in_child=_after_fork_in_child)
+atexit.register(_close_all_at_exit)

@@ -31,6 +31,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections import deque
 from typing import Any, NamedTuple
 
@@ -82,7 +83,9 @@ class Participant:
         self.read_lock = threading.Lock()
         self.queues: dict[str, deque[Item]] = {}
         self.waiters: dict[str, deque[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]]] = {}
-        self.loop_regs: dict[asyncio.AbstractEventLoop, int] = {}
+        # loops whose selector watches our doorbell; kept while the loop lives (an idle
+        # registration costs nothing: the bell rings only while someone waits)
+        self.loop_regs: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
         self.n_waiting = 0
         self.groups = GroupTable()
         self.readers: set[str] = set()
@@ -279,9 +282,10 @@ class Participant:
         with self.lock:
             self.waiters.setdefault(channel, deque()).append((loop, fut))
             self.n_waiting += 1
-            n = self.loop_regs.get(loop, 0)
-            self.loop_regs[loop] = n + 1
-        if n == 0:
+            register = loop not in self.loop_regs
+            if register:
+                self.loop_regs.add(loop)
+        if register:
             assert self.ns.bell is not None
             loop.add_reader(self.ns.bell.fd, self._on_bell, loop)
         if not self.ns.prepare_sleep():
@@ -298,19 +302,11 @@ class Participant:
                 if not ws:
                     del self.waiters[channel]
             self.n_waiting -= 1
-            n = self.loop_regs.get(loop, 1) - 1
-            if n <= 0:
-                self.loop_regs.pop(loop, None)
-            else:
-                self.loop_regs[loop] = n
             if self.n_waiting == 0 and not self.closed:
                 self.ns.set_waiting(False)
             # a cancelled receiver that had been woken passes the wake-up on
             if fut.cancelled() and self.queues.get(channel) and channel in self.waiters:
                 self._wake_one(channel, loop)
-        bell = self.ns.bell
-        if n <= 0 and bell is not None and bell.fd >= 0 and not loop.is_closed():
-            loop.remove_reader(bell.fd)
 
     def _on_bell(self, loop: asyncio.AbstractEventLoop) -> None:
         bell = self.ns.bell
@@ -591,7 +587,7 @@ class Participant:
             waiters = [w for ws in self.waiters.values() for w in ws]
             self.waiters.clear()
             regs = list(self.loop_regs)
-            self.loop_regs.clear()
+            self.loop_regs = weakref.WeakSet()
         for wloop, fut in waiters:
             with contextlib.suppress(RuntimeError):
                 wloop.call_soon_threadsafe(_fail_closed, fut)

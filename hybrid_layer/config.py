@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import math
 import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
 
 MIB = 1024 * 1024
 
@@ -47,7 +48,7 @@ class LayerConfig:
     capacity: int = 100
     channel_capacity: tuple[tuple[re.Pattern[str], int], ...] = ()
     max_message_bytes: int = 2 * MIB
-    ring_bytes: int = 4 * MIB
+    ring_bytes: int = 4 * MIB + 64 * 1024  # = parse_config's default for the defaults
     max_participants: int = 64
     channel_buckets: int = 4096
     max_groups_per_process: int = 16384
@@ -78,6 +79,8 @@ class LayerConfig:
 def _number(key: str, value: Any, *, minimum: float, integer: bool = False) -> Any:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"CONFIG[{key!r}] must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"CONFIG[{key!r}] must be a finite number, got {value!r}")
     if integer and not isinstance(value, int):
         raise ValueError(f"CONFIG[{key!r}] must be a whole number, got {value!r}")
     if value < minimum:
@@ -86,7 +89,7 @@ def _number(key: str, value: Any, *, minimum: float, integer: bool = False) -> A
 
 
 def _ident(key: str, value: Any) -> str:
-    if not isinstance(value, str) or not _ID_RE.match(value):
+    if not isinstance(value, str) or not _ID_RE.fullmatch(value):
         raise ValueError(
             f"CONFIG[{key!r}] must be 1-32 characters of letters, digits, '-' or '_', "
             f"got {value!r}"

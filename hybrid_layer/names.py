@@ -14,9 +14,13 @@ A name without ``!`` is a *normal* channel (any one reader gets each message).
 
 from __future__ import annotations
 
+import re
 import secrets
 from functools import lru_cache
 from typing import NamedTuple
+
+# strictly what mint() produces: lowercase hex, no signs, no underscores, no 0x
+_ADDR = re.compile(r"\.([A-Za-z0-9_-]{1,32})\.([0-9a-f]{1,8})\.([0-9a-f]{1,8})!([0-9a-f]{1,8})\.[0-9a-f]+")
 
 
 class ProcessAddress(NamedTuple):
@@ -27,7 +31,9 @@ class ProcessAddress(NamedTuple):
 
 
 def mint(prefix: str, host_id: str, slot: int, gen: int, bucket: int) -> str:
-    return f"{prefix}.{host_id}.{slot:x}.{gen:x}!{bucket:x}.{secrets.token_hex(6)}"
+    # channels passes "specific." by default: do not double the dot
+    base = prefix[:-1] if prefix.endswith(".") else prefix
+    return f"{base}.{host_id}.{slot:x}.{gen:x}!{bucket:x}.{secrets.token_hex(6)}"
 
 
 @lru_cache(maxsize=65536)
@@ -37,19 +43,17 @@ def parse(name: str) -> ProcessAddress | None:
     ``None`` for a name that has a ``!`` but was not minted here (another layer's name):
     the caller treats it as unroutable.
     """
-    left, bang, right = name.partition("!")
-    if not bang:
+    bang = name.find("!")
+    if bang < 0:
         return None
-    parts = left.rsplit(".", 3)
-    if len(parts) != 4:
+    # the host id is the third dot-separated field from the right of the part before "!"
+    dot = name.rfind(".", 0, name.rfind(".", 0, name.rfind(".", 0, bang)))
+    if dot < 0:
         return None
-    bucket_s, dot, token = right.partition(".")
-    if not dot or not token:
+    m = _ADDR.fullmatch(name, dot)
+    if m is None:
         return None
-    try:
-        return ProcessAddress(parts[1], int(parts[2], 16), int(parts[3], 16), int(bucket_s, 16))
-    except ValueError:
-        return None
+    return ProcessAddress(m[1], int(m[2], 16), int(m[3], 16), int(m[4], 16))
 
 
 def is_process_channel(name: str) -> bool:

@@ -1,0 +1,1 @@
+"""Small ASGI applications that the integration tests run under real servers."""

@@ -1,0 +1,629 @@
+"""Unit and property tests for the pure MPSC byte ring (``hybrid_layer.shm.ring``).
+
+Plain ``bytearray`` buffers only: no shared memory, no processes, no sleeps.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections import deque
+
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from hybrid_layer.shm import layout as L
+from hybrid_layer.shm.ring import Record, Ring, RingCorrupt, record_size
+
+CTRL_BYTES = 256
+U64_MAX = 2**64 - 1
+
+
+def make_ring(size: int = 256, start: int = 0) -> tuple[Ring, bytearray, bytearray]:
+    """A ring over fresh bytearrays; ``start`` is the initial (aligned) head = tail."""
+    ctrl = bytearray(CTRL_BYTES)
+    data = bytearray(size)
+    L.U64.pack_into(ctrl, L.CTRL_HEAD, start)
+    L.U64.pack_into(ctrl, L.CTRL_TAIL, start)
+    return Ring(memoryview(ctrl), memoryview(data)), ctrl, data
+
+
+def set_positions(ctrl: bytearray, head: int, tail: int) -> None:
+    L.U64.pack_into(ctrl, L.CTRL_HEAD, head)
+    L.U64.pack_into(ctrl, L.CTRL_TAIL, tail)
+
+
+def pattern(n: int, seed: int = 0) -> bytes:
+    return bytes((i * 7 + seed) & 0xFF for i in range(n))
+
+
+# ====================================================================== basics
+class TestConstruction:
+    @pytest.mark.parametrize("size", [0, 16, 48, 63, 65, 100, 72])
+    def test_rejects_bad_data_sizes(self, size: int) -> None:
+        with pytest.raises(ValueError, match="multiple of 16"):
+            Ring(memoryview(bytearray(CTRL_BYTES)), memoryview(bytearray(size)))
+
+    @pytest.mark.parametrize("size", [64, 80, 4096])
+    def test_accepts_multiples_of_16(self, size: int) -> None:
+        ring, _, _ = make_ring(size)
+        assert ring.size == size
+        assert ring.used() == 0
+        assert ring.free() == size
+
+    def test_empty_ring_reads_none(self) -> None:
+        ring, ctrl, _ = make_ring()
+        before = bytes(ctrl)
+        assert ring.try_read() is None
+        assert bytes(ctrl) == before
+
+    def test_record_size(self) -> None:
+        assert record_size(0, 0) == 16
+        assert record_size(1, 0) == 32
+        assert record_size(10, 6) == 32
+        assert record_size(10, 7) == 48
+        for n in range(0, 100):
+            assert record_size(n, 3) % L.ALIGN == 0
+            assert record_size(n, 3) >= L.RECORD.size + n + 3
+
+
+class TestRoundTrip:
+    def test_single_record(self) -> None:
+        ring, _, _ = make_ring()
+        assert ring.try_write(L.KIND_DIRECT, b"chan!x", 12.5, b"hello")
+        assert ring.used() == record_size(6, 5)
+        rec = ring.try_read()
+        assert isinstance(rec, Record)
+        assert rec.kind == L.KIND_DIRECT
+        assert rec.name == "chan!x"
+        assert rec.expires_at == 12.5
+        assert rec.name_len == 6
+        assert rec.body == b"chan!xhello"
+        assert bytes(rec.message) == b"hello"
+        assert ring.used() == 0
+        assert ring.head == ring.tail == record_size(6, 5)
+        assert ring.try_read() is None
+
+    @pytest.mark.parametrize("kind", sorted(L.KINDS))
+    def test_every_kind(self, kind: int) -> None:
+        ring, _, _ = make_ring()
+        assert ring.try_write(kind, b"n", 0.0, b"m")
+        rec = ring.try_read()
+        assert rec is not None
+        assert rec.kind == kind
+
+    def test_empty_name_and_message(self) -> None:
+        ring, _, _ = make_ring(64)
+        assert ring.try_write(L.KIND_CONTROL, b"", 1.0, b"")
+        assert ring.used() == 16
+        rec = ring.try_read()
+        assert rec == Record(L.KIND_CONTROL, "", 1.0, b"", 0)
+        assert bytes(rec.message) == b""
+
+    def test_memoryview_message(self) -> None:
+        ring, _, _ = make_ring()
+        src = bytearray(b"xxpayloadxx")
+        assert ring.try_write(L.KIND_NORMAL, b"q", 3.0, memoryview(src)[2:9])
+        src[:] = b"-" * len(src)  # the ring copied it
+        rec = ring.try_read()
+        assert rec is not None
+        assert bytes(rec.message) == b"payload"
+
+    def test_body_is_a_copy(self) -> None:
+        """A record read out does not alias the ring: later writes cannot change it."""
+        ring, _, data = make_ring(64)
+        assert ring.try_write(L.KIND_DIRECT, b"a", 0.0, b"first")
+        rec = ring.try_read()
+        assert rec is not None
+        data[:] = b"\xff" * len(data)
+        assert rec.body == b"afirst"
+        assert bytes(rec.message) == b"first"
+
+    @pytest.mark.parametrize("expires_at", [0.0, -1.5, 1e300, math.inf, 123456.789, 5e-324])
+    def test_expiry_is_exact(self, expires_at: float) -> None:
+        ring, _, _ = make_ring()
+        assert ring.try_write(L.KIND_DIRECT, b"n", expires_at, b"m")
+        rec = ring.try_read()
+        assert rec is not None
+        assert rec.expires_at == expires_at
+
+    def test_nan_expiry_survives(self) -> None:
+        ring, _, _ = make_ring()
+        assert ring.try_write(L.KIND_DIRECT, b"n", math.nan, b"m")
+        rec = ring.try_read()
+        assert rec is not None
+        assert math.isnan(rec.expires_at)
+
+    def test_longest_name_255(self) -> None:
+        ring, _, _ = make_ring(1024)
+        name = b"n" * 255
+        assert ring.try_write(L.KIND_GROUP, name, 0.0, b"body")
+        rec = ring.try_read()
+        assert rec is not None
+        assert rec.name == "n" * 255
+        assert bytes(rec.message) == b"body"
+
+    def test_name_longer_than_header_field_is_refused_without_publishing(self) -> None:
+        """The header stores the name length in one byte; a 256-byte name cannot be
+        framed. Whatever the writer raises, nothing may be published."""
+        ring, ctrl, _ = make_ring(1024)
+        before = bytes(ctrl)
+        with pytest.raises((struct.error, ValueError, OverflowError)):
+            ring.try_write(L.KIND_GROUP, b"n" * 256, 0.0, b"body")
+        assert bytes(ctrl) == before
+        assert ring.try_read() is None
+
+
+class TestFifoAndFull:
+    def test_fifo_order(self) -> None:
+        ring, _, _ = make_ring(1024)
+        sent = [(f"c{i}".encode(), pattern(i, i)) for i in range(20)]
+        for name, msg in sent:
+            assert ring.try_write(L.KIND_DIRECT, name, float(len(msg)), msg)
+        got = []
+        while (rec := ring.try_read()) is not None:
+            got.append((rec.name.encode(), bytes(rec.message)))
+        assert got == sent
+
+    def test_full_detection_and_exact_fit(self) -> None:
+        ring, ctrl, data = make_ring(128)
+        # 16 + align(4 + 12) = 32 bytes each: exactly four fit
+        for i in range(4):
+            assert ring.try_write(L.KIND_DIRECT, b"name", float(i), pattern(12, i))
+        assert ring.used() == 128
+        assert ring.free() == 0
+        ctrl_before, data_before = bytes(ctrl), bytes(data)
+        assert not ring.try_write(L.KIND_DIRECT, b"", 0.0, b"")  # even the smallest
+        assert (bytes(ctrl), bytes(data)) == (ctrl_before, data_before)
+        # consuming one frees exactly one slot's worth
+        rec = ring.try_read()
+        assert rec is not None
+        assert rec.expires_at == 0.0
+        assert ring.free() == 32
+        assert not ring.try_write(L.KIND_DIRECT, b"name", 9.0, pattern(13))  # 48 > 32
+        assert ring.try_write(L.KIND_DIRECT, b"name", 9.0, pattern(12, 9))
+        assert [r.expires_at for r in iter(ring.try_read, None)] == [1.0, 2.0, 3.0, 9.0]
+
+    def test_refused_write_does_not_touch_data(self) -> None:
+        ring, ctrl, data = make_ring(64)
+        assert ring.try_write(L.KIND_DIRECT, b"a", 0.0, b"b" * 20)  # 16 + 32 = 48
+        snapshot = bytes(ctrl), bytes(data)
+        assert not ring.try_write(L.KIND_DIRECT, b"a", 0.0, b"b")  # needs 32, 16 free
+        assert (bytes(ctrl), bytes(data)) == snapshot
+
+
+class TestWraparound:
+    @pytest.mark.parametrize("start", [0, 16, 32, 48, 64, 96, 112])
+    @pytest.mark.parametrize("body_len", [0, 1, 15, 16, 17, 47, 48, 95, 112])
+    def test_record_straddling_the_end(self, start: int, body_len: int) -> None:
+        size = 128
+        ring, _, _ = make_ring(size, start=start + 10 * size)  # positions do not start at 0
+        name = b"grp"[: min(3, body_len)]
+        msg = pattern(body_len - len(name), start)
+        need = record_size(len(name), len(msg))
+        assert ring.try_write(L.KIND_GROUP, name, 1.0, msg) == (need <= size)
+        if need > size:
+            return
+        rec = ring.try_read()
+        assert rec is not None
+        assert rec.name == name.decode()
+        assert bytes(rec.message) == msg
+        assert ring.head == ring.tail == start + 10 * size + need
+
+    def test_body_wraps_bytes_land_at_the_front(self) -> None:
+        ring, _, data = make_ring(64, start=32)
+        msg = bytes(range(1, 41))  # header at 32..48, body 48..64 then 0..24
+        assert ring.try_write(L.KIND_DIRECT, b"", 0.0, msg)
+        assert bytes(data[48:64]) == msg[:16]
+        assert bytes(data[0:24]) == msg[16:]
+        rec = ring.try_read()
+        assert rec is not None
+        assert bytes(rec.message) == msg
+
+    def test_name_wraps(self) -> None:
+        ring, _, _ = make_ring(64, start=48)
+        name = b"abcdefghijklmnopqrstu"  # header 48..64, the whole name at the front
+        assert ring.try_write(L.KIND_DIRECT, name, 0.0, b"zz")
+        ring2, _, _ = make_ring(64, start=32)
+        # header 32..48; name 48..64 then 0..5
+        assert ring2.try_write(L.KIND_DIRECT, name, 0.0, b"zz")
+        for r in (ring, ring2):
+            rec = r.try_read()
+            assert rec is not None
+            assert rec.name == name.decode()
+            assert bytes(rec.message) == b"zz"
+
+    def test_many_laps(self) -> None:
+        ring, _, _ = make_ring(80)
+        for i in range(500):
+            msg = pattern(i % 50, i)
+            assert ring.try_write(L.KIND_DIRECT, b"c", float(i), msg)
+            rec = ring.try_read()
+            assert rec is not None
+            assert (rec.expires_at, bytes(rec.message)) == (float(i), msg)
+        assert ring.head == ring.tail > 80 * 50
+        assert ring.used() == 0
+
+    @pytest.mark.parametrize("start", range(0, 256, 16))
+    def test_record_as_large_as_the_ring(self, start: int) -> None:
+        size = 256
+        ring, _, _ = make_ring(size, start=start)
+        name = b"specific.h.1.2!3.abc"
+        msg = pattern(size - L.RECORD.size - len(name), start)
+        assert record_size(len(name), len(msg)) == size
+        assert ring.try_write(L.KIND_DIRECT, name, 2.0, msg)
+        assert ring.free() == 0
+        assert not ring.try_write(L.KIND_DIRECT, b"", 0.0, b"")
+        rec = ring.try_read()
+        assert rec is not None
+        assert rec.name == name.decode()
+        assert bytes(rec.message) == msg
+        # one byte more than the ring can ever hold: refused even when empty
+        assert not ring.try_write(L.KIND_DIRECT, name, 2.0, msg + b"x")
+        assert ring.used() == 0
+
+    def test_large_record_behind_a_small_one(self) -> None:
+        ring, _, _ = make_ring(4096)
+        assert ring.try_write(L.KIND_DIRECT, b"a", 0.0, b"x")  # 32 bytes
+        big = pattern(4096 - 32 - 16 - 1, 5)
+        assert ring.try_write(L.KIND_DIRECT, b"b", 0.0, big)  # exactly the rest
+        assert ring.free() == 0
+        assert ring.try_read() is not None
+        assert ring.try_write(L.KIND_DIRECT, b"c", 0.0, b"y" * 15)  # the freed 32 bytes
+        rec = ring.try_read()
+        assert rec is not None
+        assert bytes(rec.message) == big
+        rec = ring.try_read()
+        assert rec is not None
+        assert (rec.name, bytes(rec.message)) == ("c", b"y" * 15)
+
+
+class TestReset:
+    def test_reset_drops_unread(self) -> None:
+        ring, _, _ = make_ring(256, start=64)
+        for i in range(3):
+            assert ring.try_write(L.KIND_DIRECT, b"c", float(i), b"m" * i)
+        used = ring.used()
+        assert ring.reset() == used
+        assert ring.used() == 0
+        assert ring.head == ring.tail == 64 + used
+        assert ring.try_read() is None
+        assert ring.reset() == 0
+
+    def test_reset_recovers_from_corruption(self) -> None:
+        ring, _, data = make_ring(128)
+        assert ring.try_write(L.KIND_DIRECT, b"c", 0.0, b"m")
+        data[0:16] = b"\xee" * 16  # smash the header
+        with pytest.raises(RingCorrupt):
+            ring.try_read()
+        with pytest.raises(RingCorrupt):  # stays corrupt: head did not move
+            ring.try_read()
+        assert ring.reset() == 32
+        assert ring.try_read() is None
+        assert ring.try_write(L.KIND_DIRECT, b"d", 1.0, b"after")
+        rec = ring.try_read()
+        assert rec is not None
+        assert (rec.name, bytes(rec.message)) == ("d", b"after")
+
+    def test_reset_recovers_from_impossible_positions(self) -> None:
+        ring, ctrl, _ = make_ring(128)
+        set_positions(ctrl, 1000, 64)  # tail behind head
+        with pytest.raises(RingCorrupt):
+            ring.try_read()
+        # reset moves head to tail; the ring is usable again from there
+        ring.reset()
+        assert ring.used() == 0
+        assert ring.try_write(L.KIND_NORMAL, b"q", 0.0, b"ok")
+        rec = ring.try_read()
+        assert rec is not None
+        assert bytes(rec.message) == b"ok"
+
+
+class TestCorruptionDetected:
+    def _one(self, size: int = 128) -> tuple[Ring, bytearray, bytearray]:
+        ring, ctrl, data = make_ring(size)
+        assert ring.try_write(L.KIND_DIRECT, b"name", 0.0, b"message")
+        return ring, ctrl, data
+
+    def _assert_corrupt_and_unchanged(self, ring: Ring, ctrl: bytearray) -> None:
+        before = bytes(ctrl)
+        with pytest.raises(RingCorrupt):
+            ring.try_read()
+        assert bytes(ctrl) == before
+
+    def test_bad_magic(self) -> None:
+        ring, ctrl, data = self._one()
+        data[4:6] = b"\x00\x00"
+        self._assert_corrupt_and_unchanged(ring, ctrl)
+
+    @pytest.mark.parametrize("kind", [0, 5, 255])
+    def test_unknown_kind(self, kind: int) -> None:
+        ring, ctrl, data = self._one()
+        data[6] = kind
+        self._assert_corrupt_and_unchanged(ring, ctrl)
+
+    def test_name_longer_than_body(self) -> None:
+        ring, ctrl, data = self._one()
+        data[7] = 12  # body is 11 bytes
+        self._assert_corrupt_and_unchanged(ring, ctrl)
+
+    def test_body_longer_than_published(self) -> None:
+        ring, ctrl, data = self._one()
+        struct.pack_into("<I", data, 0, 17)  # needs 48 bytes, 32 published
+        self._assert_corrupt_and_unchanged(ring, ctrl)
+
+    def test_huge_body_len(self) -> None:
+        ring, ctrl, data = self._one()
+        struct.pack_into("<I", data, 0, 0xFFFFFFFF)
+        self._assert_corrupt_and_unchanged(ring, ctrl)
+
+    def test_non_ascii_name(self) -> None:
+        ring, ctrl, _ = make_ring(128)
+        assert ring.try_write(L.KIND_DIRECT, "é".encode(), 0.0, b"m")
+        self._assert_corrupt_and_unchanged(ring, ctrl)
+
+    @pytest.mark.parametrize(
+        ("head", "tail"),
+        [
+            (0, 8),  # less than a header published
+            (0, 129),  # more than the ring published
+            (8, 40),  # head not aligned
+            (100, 50),  # tail behind head
+            (U64_MAX, 0),
+            (0, U64_MAX),
+        ],
+    )
+    def test_impossible_positions(self, head: int, tail: int) -> None:
+        ring, ctrl, _ = self._one()
+        set_positions(ctrl, head, tail)
+        self._assert_corrupt_and_unchanged(ring, ctrl)
+
+
+# ====================================================================== property: deque model
+_names = st.binary(min_size=0, max_size=40).map(lambda b: bytes(c & 0x7F for c in b))
+_messages = st.binary(min_size=0, max_size=300)
+_expiry = st.floats(allow_nan=False)
+
+
+class RingVsDeque(RuleBasedStateMachine):
+    """The ring against a deque of records plus a byte count (the model)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model: deque[tuple[int, bytes, float, bytes]] = deque()
+        self.model_used = 0
+        self.start = 0
+
+    @initialize(
+        size=st.sampled_from([64, 80, 128, 256, 512, 1024]),
+        start_blocks=st.integers(min_value=0, max_value=2**40),
+    )
+    def setup(self, size: int, start_blocks: int) -> None:
+        self.start = start_blocks * L.ALIGN
+        self.ring, self.ctrl, self.data = make_ring(size, start=self.start)
+
+    @rule(
+        kind=st.sampled_from(sorted(L.KINDS)),
+        name=_names,
+        expires_at=_expiry,
+        message=_messages,
+    )
+    def write(self, kind: int, name: bytes, expires_at: float, message: bytes) -> None:
+        need = record_size(len(name), len(message))
+        fits = self.model_used + need <= self.ring.size
+        ctrl_before = bytes(self.ctrl)
+        assert self.ring.try_write(kind, name, expires_at, message) is fits
+        if fits:
+            self.model.append((kind, name, expires_at, message))
+            self.model_used += need
+        else:
+            assert bytes(self.ctrl) == ctrl_before
+
+    @rule()
+    def read(self) -> None:
+        rec = self.ring.try_read()
+        if not self.model:
+            assert rec is None
+            return
+        kind, name, expires_at, message = self.model.popleft()
+        self.model_used -= record_size(len(name), len(message))
+        assert rec is not None
+        assert rec.kind == kind
+        assert rec.name == name.decode("ascii")
+        assert rec.name_len == len(name)
+        assert rec.expires_at == expires_at
+        assert bytes(rec.message) == message
+        assert rec.body == name + message
+
+    @precondition(lambda self: len(self.model) > 0)
+    @rule()
+    def drain(self) -> None:
+        while self.model:
+            self.read()
+        assert self.ring.try_read() is None
+
+    @rule()
+    def reset(self) -> None:
+        assert self.ring.reset() == self.model_used
+        self.model.clear()
+        self.model_used = 0
+
+    @invariant()
+    def positions_consistent(self) -> None:
+        ring = self.ring
+        assert ring.used() == self.model_used
+        assert 0 <= ring.used() <= ring.size
+        assert ring.free() == ring.size - self.model_used
+        assert ring.head % L.ALIGN == 0
+        assert ring.tail % L.ALIGN == 0
+        assert ring.head >= self.start
+
+
+RingVsDeque.TestCase.settings = settings(
+    max_examples=60,
+    stateful_step_count=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+TestRingVsDeque = RingVsDeque.TestCase
+
+
+# ====================================================================== fuzz invariant
+def _check_read(ring: Ring, ctrl: bytearray) -> None:
+    """The invariant: a Record, None, or RingCorrupt; never anything else.
+
+    Also: a failed read changes nothing, and a successful one moves ``head`` forward by
+    exactly one record that lies inside the published range.
+    """
+    head, tail = ring.head, ring.tail
+    before = bytes(ctrl)
+    try:
+        rec = ring.try_read()
+    except RingCorrupt:
+        assert bytes(ctrl) == before
+        return
+    if rec is None:
+        assert head == tail
+        assert bytes(ctrl) == before
+        return
+    assert isinstance(rec, Record)
+    assert rec.kind in L.KINDS
+    assert 0 <= rec.name_len <= len(rec.body)
+    assert rec.name.isascii()
+    assert len(rec.name) == rec.name_len
+    new_head = ring.head
+    assert new_head == head + record_size(rec.name_len, len(rec.body) - rec.name_len)
+    assert head < new_head <= tail
+    assert new_head - head <= ring.size  # no record is larger than the ring
+    assert ring.tail == tail
+
+
+_sizes = st.integers(min_value=4, max_value=40).map(lambda n: n * L.ALIGN)
+_fuzz_settings = settings(
+    max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+
+
+@_fuzz_settings
+@given(
+    size=_sizes,
+    data=st.data(),
+    head=st.integers(min_value=0, max_value=U64_MAX),
+    tail=st.integers(min_value=0, max_value=U64_MAX),
+)
+def test_fuzz_arbitrary_positions_and_bytes(
+    size: int, data: st.DataObject, head: int, tail: int
+) -> None:
+    ring, ctrl, buf = make_ring(size)
+    buf[:] = data.draw(st.binary(min_size=size, max_size=size))
+    set_positions(ctrl, head, tail)
+    _check_read(ring, ctrl)
+
+
+@_fuzz_settings
+@given(
+    size=_sizes,
+    data=st.data(),
+    head_block=st.integers(min_value=0, max_value=(U64_MAX >> 4)),
+    misalign=st.one_of(st.just(0), st.integers(min_value=0, max_value=L.ALIGN - 1)),
+    delta=st.integers(min_value=-64, max_value=700),
+)
+def test_fuzz_plausible_positions(
+    size: int, data: st.DataObject, head_block: int, misalign: int, delta: int
+) -> None:
+    """Head (mostly aligned) with tail close to it: reaches the header checks, not just
+    the position checks."""
+    head = head_block * L.ALIGN + misalign
+    tail = min(max(head + delta, 0), U64_MAX)
+    ring, ctrl, buf = make_ring(size)
+    buf[:] = data.draw(st.binary(min_size=size, max_size=size))
+    set_positions(ctrl, head, tail)
+    _check_read(ring, ctrl)
+
+
+@_fuzz_settings
+@given(
+    size=_sizes,
+    data=st.data(),
+    head_block=st.integers(min_value=0, max_value=2**20),
+    avail_blocks=st.integers(min_value=1, max_value=90),
+    body_len=st.one_of(
+        st.integers(min_value=0, max_value=700), st.integers(min_value=0, max_value=2**32 - 1)
+    ),
+    kind=st.integers(min_value=0, max_value=255),
+    name_len=st.integers(min_value=0, max_value=255),
+    expires_at=st.floats(),
+    good_magic=st.booleans(),
+)
+def test_fuzz_forged_headers(
+    size: int,
+    data: st.DataObject,
+    head_block: int,
+    avail_blocks: int,
+    body_len: int,
+    kind: int,
+    name_len: int,
+    expires_at: float,
+    good_magic: bool,
+) -> None:
+    """A header with the right magic (mostly) and arbitrary fields over arbitrary bytes."""
+    ring, ctrl, buf = make_ring(size)
+    buf[:] = data.draw(st.binary(min_size=size, max_size=size))
+    head = head_block * L.ALIGN
+    avail = avail_blocks * L.ALIGN  # may exceed the ring: must be refused
+    magic = L.RECORD_MAGIC if good_magic else data.draw(st.integers(0, 0xFFFF))
+    L.RECORD.pack_into(buf, head % size, body_len, magic, kind, name_len, expires_at)
+    set_positions(ctrl, head, head + avail)
+    _check_read(ring, ctrl)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    size=_sizes,
+    start_block=st.integers(min_value=0, max_value=2**30),
+    records=st.lists(st.tuples(_names, st.binary(max_size=120)), max_size=12),
+    flips=st.lists(st.tuples(st.integers(min_value=0), st.integers(0, 255)), max_size=8),
+    reads=st.integers(min_value=1, max_value=20),
+)
+def test_fuzz_valid_ring_with_flipped_bytes(
+    size: int,
+    start_block: int,
+    records: list[tuple[bytes, bytes]],
+    flips: list[tuple[int, int]],
+    reads: int,
+) -> None:
+    """Real records, then random bytes of the data area overwritten: repeated reads keep
+    the invariant (and after ``RingCorrupt`` a reset makes the ring usable again)."""
+    ring, ctrl, buf = make_ring(size, start=start_block * L.ALIGN)
+    for name, msg in records:
+        ring.try_write(L.KIND_DIRECT, name, 0.0, msg)
+    assume(ring.used() > 0)
+    for pos, value in flips:
+        buf[pos % size] = value
+    for _ in range(reads):
+        before = bytes(ctrl)
+        try:
+            rec = ring.try_read()
+        except RingCorrupt:
+            assert bytes(ctrl) == before
+            ring.reset()
+            assert ring.try_read() is None
+            break
+        if rec is None:
+            break
+        assert isinstance(rec, Record)
+        assert rec.kind in L.KINDS
+        assert 0 <= ring.used() <= ring.size
+    ring.reset()
+    assert ring.try_write(L.KIND_NORMAL, b"x", 0.0, b"y")
+    rec = ring.try_read()
+    assert rec is not None
+    assert bytes(rec.message) == b"y"

@@ -34,6 +34,8 @@ _layers: weakref.WeakSet[HybridChannelLayer] = weakref.WeakSet()
 
 #: how long ``send`` waits for a live but busy reader to make room in its inbox
 RING_FULL_WAIT = 0.5
+#: how long ``flush`` waits for every live process to apply it
+FLUSH_WAIT = 2.0
 
 
 class HybridChannelLayer(BaseChannelLayer):  # type: ignore[misc]
@@ -75,8 +77,7 @@ class HybridChannelLayer(BaseChannelLayer):  # type: ignore[misc]
 
     def _check_size(self, data: bytes) -> None:
         if len(data) > self.config.max_message_bytes:
-            if self._participant is not None:
-                self._participant.counters.raised_too_large += 1
+            self._p().counters.raised_too_large += 1
             raise MessageTooLarge(
                 f"message is {len(data)} bytes encoded, over max_message_bytes="
                 f"{self.config.max_message_bytes}"
@@ -166,10 +167,22 @@ class HybridChannelLayer(BaseChannelLayer):  # type: ignore[misc]
 
     # ------------------------------------------------------------------ flush / close
     async def flush(self) -> None:
-        """Empty every inbox and queue and forget every group, on the whole host."""
+        """Empty every inbox and queue and forget every group, on the whole host.
+
+        Returns once every live process has applied it (at most ``FLUSH_WAIT`` s; a
+        process that is stopped or stuck is named in a warning instead).
+        """
         p = self._p()
-        p.ns.flush_all()
-        p.check_flush()
+        epoch = p.ns.flush_all()
+        p.drain(None)  # applies it here: queues, groups, ring, capacity counters
+        deadline = _monotonic() + FLUSH_WAIT
+        while (left := p.ns.flush_unacked(epoch)) and _monotonic() < deadline:
+            await asyncio.sleep(0.001)
+        if left:
+            logging.getLogger("hybrid_layer").warning(
+                "hybrid_layer: flush not applied within %.1fs by slots %s (stopped or busy "
+                "processes); they will apply it when they resume", FLUSH_WAIT, left,
+            )
 
     async def close(self) -> None:
         self.close_sync()
@@ -192,7 +205,7 @@ class HybridChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         return Statistics(
             sent=c.sent, received=c.received, group_sends=c.group_sends,
             group_copies=c.group_copies, raised=raised, dropped=dropped,
-            pending=p.pending() + (1 if ring.used() else 0) * 0,
+            pending=p.pending(),
             ring_used_bytes=ring.used(), ring_size_bytes=ring.size,
             participants=len(p.ns.live_slots()), leader_pid=ld.pid, leader_epoch=ld.epoch,
             is_leader=p.ns.is_leader, pid=os.getpid(), slot=p.slot,

@@ -86,12 +86,14 @@ class Participant:
         # loops whose selector watches our doorbell; kept while the loop lives (an idle
         # registration costs nothing: the bell rings only while someone waits)
         self.loop_regs: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
-        self.n_waiting = 0
+        self.n_sleeping = 0  # waiters registered and not yet woken
         self.groups = GroupTable()
         self.readers: set[str] = set()
         self.parked: dict[str, deque[Item]] = {}
         self.counters = Counters()
         self.flush_seen = self.ns.flush_epoch()
+        self.flush_acked = self.flush_seen
+        self.parked_empty_since: dict[str, float] = {}
         self.next_bucket = 0
         self.rr: dict[str, int] = {}
         self._capacity_cache: dict[str, int] = {}
@@ -139,6 +141,15 @@ class Participant:
         bucket = self.K + h % self.K
         cap = self.capacity_for(channel)
         name_b = channel.encode()
+        # while the leader holds parked messages for this channel, everything goes
+        # through it so that it can hand them over in order (FIFO per sender)
+        ld = self.ns.leader()
+        ldsv = self.ns.slot(ld.slot) if ld.slot >= 0 else None
+        if ldsv is not None and ldsv.groups.maybe_contains(name_hash("p", channel)):
+            r = self.ns.write(ldsv, ld.gen, L.KIND_NORMAL, name_b, expires_at, msg, bucket, cap,
+                              True)
+            if r != NO_CHANNEL:
+                return r
         readers = []
         for i in self.ns.live_slots():
             sv = self.ns.slot(i)
@@ -152,7 +163,7 @@ class Participant:
             for k in range(n):
                 r = self.ns.write(
                     readers[(start + k) % n], 0, L.KIND_NORMAL, name_b, expires_at, msg,
-                    bucket, cap,
+                    bucket, cap, True,
                 )
                 if r == OK:
                     return OK
@@ -165,7 +176,9 @@ class Participant:
             ld = self.ns.leader()
             sv = self.ns.slot(ld.slot) if ld.slot >= 0 else None
             if sv is not None:
-                r = self.ns.write(sv, ld.gen, L.KIND_NORMAL, name_b, expires_at, msg, bucket, cap)
+                r = self.ns.write(
+                    sv, ld.gen, L.KIND_NORMAL, name_b, expires_at, msg, bucket, cap, True
+                )
                 if r != NO_CHANNEL:
                     return r
             # no live leader right now (failover in progress): take the lease ourselves
@@ -182,7 +195,7 @@ class Participant:
             sv = self.own if i == self.slot else self.ns.slot(i)
             if sv is None or not sv.groups.maybe_contains(h):
                 continue
-            r = self.ns.write(sv, 0, L.KIND_GROUP, name_b, expires_at, msg, -1, 0)
+            r = self.ns.write(sv, 0, L.KIND_GROUP, name_b, expires_at, msg, -1, 0, True)
             if r == FULL_RING:
                 c.dropped_full += 1
                 limited.warning(
@@ -192,7 +205,7 @@ class Participant:
 
     def control(self, sv: SlotView, verb: str, *args: Any) -> int:
         return self.ns.write(sv, 0, L.KIND_CONTROL, verb.encode(), _monotonic() + 60,
-                             encode_args(*args), -1, 0)
+                             encode_args(*args), -1, 0, True)
 
     # ================================================================ groups
     def group_add(self, group: str, channel: str) -> None:
@@ -201,11 +214,22 @@ class Participant:
             if self.groups.add(group, channel, time.time()) is Action.JOIN:
                 self.own.groups.add(name_hash("g", group))
 
-    def group_discard(self, group: str, channel: str) -> None:
+    def group_discard(self, group: str, channel: str, *, local_only: bool = False) -> None:
         self.check_flush()
+        h = name_hash("g", group)
         with self.lock:
             if self.groups.discard(group, channel) is Action.LEAVE:
-                self.own.groups.discard(name_hash("g", group))
+                self.own.groups.discard(h)
+        if local_only:
+            return
+        # the membership may belong to another process (it called group_add): tell
+        # every process that has members in the group; its owner drops it
+        for i in self.ns.live_slots():
+            if i == self.slot:
+                continue
+            sv = self.ns.slot(i)
+            if sv is not None and sv.groups.maybe_contains(h):
+                self.control(sv, "discard", group, channel)
 
     def ensure_reader(self, channel: str) -> None:
         """Become a reader of normal channel ``channel`` (on first receive of it)."""
@@ -265,6 +289,7 @@ class Participant:
         ws = self.waiters.get(channel)
         while ws:
             wloop, fut = ws.popleft()
+            self.n_sleeping -= 1
             if fut.done():
                 continue
             if wloop is loop:
@@ -281,7 +306,7 @@ class Participant:
     ) -> None:
         with self.lock:
             self.waiters.setdefault(channel, deque()).append((loop, fut))
-            self.n_waiting += 1
+            self.n_sleeping += 1
             register = loop not in self.loop_regs
             if register:
                 self.loop_regs.add(loop)
@@ -297,12 +322,15 @@ class Participant:
         with self.lock:
             ws = self.waiters.get(channel)
             if ws is not None:
-                with contextlib.suppress(ValueError):
+                try:
                     ws.remove((loop, fut))
+                except ValueError:
+                    pass  # already woken (and counted off) by _wake_one
+                else:
+                    self.n_sleeping -= 1
                 if not ws:
                     del self.waiters[channel]
-            self.n_waiting -= 1
-            if self.n_waiting == 0 and not self.closed:
+            if self.n_sleeping == 0 and not self.closed:
                 self.ns.set_waiting(False)
             # a cancelled receiver that had been woken passes the wake-up on
             if fut.cancelled() and self.queues.get(channel) and channel in self.waiters:
@@ -315,7 +343,8 @@ class Participant:
         bell.drain()
         self.ns.set_waiting(False)  # writers skip the bell while we are awake and draining
         self.drain(loop)
-        while self.n_waiting and not self.closed and not self.ns.prepare_sleep():
+        # re-arm only if someone is still asleep (not for a waiter we just woke)
+        while self.n_sleeping and not self.closed and not self.ns.prepare_sleep():
             self.drain(loop)
 
     # ================================================================ draining
@@ -324,7 +353,11 @@ class Participant:
         if self.ns.flush_epoch() != self.flush_seen:
             self.check_flush()
         ring = self.own.ring
-        if ring.tail == ring.head or self.closed:
+        if self.closed:
+            return 0
+        if ring.tail == ring.head:
+            if self.flush_acked != self.flush_seen:
+                self._ack_flush()
             return 0
         n = 0
         with self.read_lock:
@@ -348,7 +381,15 @@ class Participant:
                 except Exception:  # never let one bad record stop the pump
                     self.counters.dropped_corrupt += 1
                     log.exception("hybrid_layer: cannot dispatch a %s record", rec.kind)
+        if self.flush_acked != self.flush_seen:
+            self._ack_flush()
         return n
+
+    def _ack_flush(self) -> None:
+        """Tell a flusher we applied its flush (local queues and ring both cleaned)."""
+        with self.read_lock:
+            self.flush_acked = self.flush_seen
+            self.ns.ack_flush(self.flush_seen)
 
     def _record_bucket(self, kind: int, name: str) -> int:
         if kind == L.KIND_DIRECT:
@@ -388,17 +429,32 @@ class Participant:
         elif kind == L.KIND_NORMAL:
             item = Item(rec.expires_at, pos, self.normal_bucket(rec.name), rec.body, rec.name_len)
             with self.lock:
-                if rec.name in self.readers:
+                parked = self.parked.get(rec.name)
+                if rec.name in self.readers and not parked:
                     self._put(rec.name, item, loop)
                     return
                 if self.ns.is_leader:
-                    self.parked.setdefault(rec.name, deque()).append(item)
-                    return
-                self._deq(item.bucket, 1)
+                    self._park(rec.name, item)
+                    park = True
+                else:
+                    self._deq(item.bucket, 1)
+                    park = False
+            if park:  # hand it (and anything parked before it) over now if we can
+                self.forward_parked(rec.name)
+                return
             # not a reader (any more) and not the leader: route it on
             r = self.send_normal(rec.name, rec.message, rec.expires_at)
             if r != OK:
                 self._count_forward_failure(r, rec.name)
+
+    def _park(self, channel: str, item: Item) -> None:
+        """Leader, holding ``self.lock``: keep ``item`` until a reader can take it."""
+        q = self.parked.get(channel)
+        if q is None:
+            q = self.parked[channel] = deque()
+            self.own.groups.add(name_hash("p", channel))  # senders: route via me
+        self.parked_empty_since.pop(channel, None)
+        q.append(item)
 
     def _count_forward_failure(self, r: int, name: str) -> None:
         if r in (FULL_CHANNEL, FULL_RING):
@@ -453,6 +509,8 @@ class Participant:
     def _control(self, verb: str, args: list[Any]) -> None:
         if verb == "reader" and self.ns.is_leader and args:
             self.forward_parked(str(args[0]))
+        elif verb == "discard" and len(args) == 2:
+            self.group_discard(str(args[0]), str(args[1]), local_only=True)
 
     # ================================================================ leader duties
     def forward_parked(self, only: str | None = None) -> None:
@@ -464,7 +522,6 @@ class Participant:
             with self.lock:
                 q = self.parked.get(channel)
                 if not q:
-                    self.parked.pop(channel, None)
                     continue
                 items = list(q)
                 q.clear()
@@ -486,10 +543,23 @@ class Participant:
                 else:  # no reader yet, or all full: keep order, try again next tick
                     keep.extend(items[idx:])
                     break
-            if keep:
-                with self.lock:
-                    q = self.parked.setdefault(channel, deque())
+            with self.lock:
+                q = self.parked.setdefault(channel, deque())
+                if keep:
                     q.extendleft(reversed(keep))
+                elif not q:
+                    self.parked_empty_since.setdefault(channel, now)
+
+    def unpark_idle(self, linger: float = 1.0) -> None:
+        """Leader: stop routing a channel through us once its parked queue stayed empty
+        for ``linger`` seconds (longer than any sender's check-then-write)."""
+        now = _monotonic()
+        with self.lock:
+            for channel, since in list(self.parked_empty_since.items()):
+                if now - since >= linger and not self.parked.get(channel):
+                    del self.parked_empty_since[channel]
+                    self.parked.pop(channel, None)
+                    self.own.groups.discard(name_hash("p", channel))
 
     def _forward_to_reader(self, channel: str, item: Item) -> int:
         h = name_hash("n", channel)
@@ -564,8 +634,15 @@ class Participant:
                         del store[channel]
 
     def pending(self) -> int:
-        with self.lock:
-            return sum(len(q) for q in self.queues.values())
+        """Messages waiting for this process's channels: in its inbox ring and queues."""
+        counts = self.own.buckets.cast("I")
+        total = 0
+        for k in range(0, len(counts), 2):
+            d = (counts[k] - counts[k + 1]) & 0xFFFFFFFF
+            if d < 0x80000000:
+                total += d
+        counts.release()
+        return total
 
     # ================================================================ close
     def close(self) -> None:
@@ -676,6 +753,7 @@ class HostThread(threading.Thread):
                 p.reclaim_dead()
                 if p.parked:
                     p.forward_parked()
+                    p.unpark_idle()
             if now >= self._next_sweep:
                 self._next_sweep = now + SWEEP_EVERY
                 p.drain(None)

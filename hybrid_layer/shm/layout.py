@@ -75,6 +75,7 @@ CTRL_WAITING = 128  # u32, owner: "a receiver may be asleep, ring the bell"
 CTRL_GEN = 132  # u32, incarnation of the slot's owner (set under the ring lock)
 CTRL_STATE = 136  # u32, SLOT_LIVE / SLOT_FREE (set under the ring lock)
 CTRL_FLUSH_UPTO = 144  # u64, flush(): records before this ring position are discarded
+CTRL_FLUSH_ACK = 152  # u64, owner: the last flush epoch it has applied
 CTRL_GROUP_SEQ = 192  # u64 seqlock of the group set, owner-written
 CTRL_GROUP_USED = 200  # u32 entries in use (live + tombstones), owner-written
 U64 = struct.Struct("<Q")

@@ -16,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import platform
+import secrets
 import threading
 import time
 from collections.abc import Iterator
@@ -228,7 +230,12 @@ class Namespace:
         self.bell = Bell(self.bell_path(i), self.cfg.mode)
         self.rescue = Bell(self.rescue_path(i), self.cfg.mode)
         with self.ring_locked(sv):
-            gen = (max(sv.gen, self._reg_gen(i)) + 1) & 0xFFFFFFFF or 1
+            base = max(sv.gen, self._reg_gen(i))
+            if base == 0:
+                # a new segment (first start, or after the last one out removed them):
+                # start anywhere, so names of an earlier namespace never match again
+                base = secrets.randbits(28)
+            gen = (base + 1) & 0xFFFFFFFF or 1
             sv.ring.reset()
             sv.buckets[:] = bytes(len(sv.buckets))
             sv.groups.clear()
@@ -286,10 +293,14 @@ class Namespace:
         message: bytes | memoryview,
         bucket: int,
         capacity: int,
+        urgent: bool = False,
     ) -> int:
         """Write one record into slot ``sv``'s ring; one of OK/FULL_*/NO_CHANNEL.
 
         ``gen`` 0 accepts any live incarnation; ``bucket`` -1 skips the capacity check.
+        ``urgent`` records (group, normal-channel and control records, which the owner
+        may have to act on even if it is not receiving) wake its host thread when no
+        receiver of it is waiting.
         """
         lf = self.lockfile
         assert lf is not None
@@ -308,28 +319,43 @@ class Namespace:
                 ring = sv.ring
                 before = ring.used()
                 if not ring.try_write(kind, name, expires_at, message):
-                    waiting = True
                     used = ring.size
                     result = FULL_RING
                 else:
                     if bucket >= 0:
                         L.U32.pack_into(sv.buckets, bucket * 8, (enq + 1) & 0xFFFFFFFF)
-                    waiting = bool(L.U32.unpack_from(ctrl, L.CTRL_WAITING)[0])
                     used = ring.used()
                     result = OK
             finally:
                 lf.release(lock_byte)
+            # read the flag only after the unlock: the kernel's lock code is a full
+            # barrier between our tail store and this load (see prepare_sleep)
+            waiting = result == FULL_RING or bool(L.U32.unpack_from(ctrl, L.CTRL_WAITING)[0])
         if waiting:
             sv.bell.ring()
+        elif urgent and result == OK:
+            sv.rescue.ring()
         half = sv.ring.size >> 1
         if used > half >= before or result == FULL_RING:
             sv.rescue.ring()  # the owner's host thread drains even if no one receives
         return result
 
     def prepare_sleep(self) -> bool:
-        """Owner: announce a sleeping receiver. True if the ring is empty (safe to sleep)."""
+        """Owner: announce a sleeping receiver. True if the ring is empty (safe to sleep).
+
+        Dekker-style: we store the flag then load ``tail``; a writer stores ``tail`` then
+        (after its unlock) loads the flag. Each side needs a full barrier between its
+        store and its load so that at least one of them sees the other. The writer's is
+        the kernel's lock code; ours is a locked instruction (an uncontended
+        ``threading.Lock`` round trip) on x86-64, else the ring lock itself.
+        """
         sv = self.own
         assert sv is not None
+        if _CHEAP_FENCE:
+            L.U32.pack_into(sv.ctrl, L.CTRL_WAITING, 1)
+            _fence_lock.acquire()
+            _fence_lock.release()
+            return sv.ring.used() == 0
         with self.ring_locked(sv):
             L.U32.pack_into(sv.ctrl, L.CTRL_WAITING, 1)
             return sv.ring.used() == 0
@@ -424,7 +450,7 @@ class Namespace:
     def flush_epoch(self) -> int:
         return int(L.U64.unpack_from(self.reg_hdr, L.H_FLUSH_EPOCH)[0])
 
-    def flush_all(self) -> None:
+    def flush_all(self) -> int:
         """Mark everything now in every live ring as flushed, then bump the flush epoch.
 
         Owners discard records before ``CTRL_FLUSH_UPTO`` when they read them, and drop
@@ -443,17 +469,33 @@ class Namespace:
                 with self.ring_locked(sv):
                     L.U64.pack_into(sv.ctrl, L.CTRL_FLUSH_UPTO, sv.ring.tail)
                 touched.append(sv)
-            L.U64.pack_into(self.reg_hdr, L.H_FLUSH_EPOCH, self.flush_epoch() + 1)
+            epoch = self.flush_epoch() + 1
+            L.U64.pack_into(self.reg_hdr, L.H_FLUSH_EPOCH, epoch)
         finally:
             lf.release(L.FLUSH_LOCK)
         for sv in touched:
             if sv.index != self.me:
-                sv.bell.ring()
-                sv.rescue.ring()
+                sv.rescue.ring()  # the owner's host thread applies it and acknowledges
+        return epoch
 
     def flush_upto(self) -> int:
         assert self.own is not None
         return int(L.U64.unpack_from(self.own.ctrl, L.CTRL_FLUSH_UPTO)[0])
+
+    def ack_flush(self, epoch: int) -> None:
+        assert self.own is not None
+        L.U64.pack_into(self.own.ctrl, L.CTRL_FLUSH_ACK, epoch)
+
+    def flush_unacked(self, epoch: int) -> list[int]:
+        """Live slots (other than ours) that have not applied flush ``epoch`` yet."""
+        out = []
+        for i in self.live_slots():
+            sv = self.slot(i)
+            if i == self.me or sv is None or not sv.live:
+                continue
+            if L.U64.unpack_from(sv.ctrl, L.CTRL_FLUSH_ACK)[0] < epoch and self.owner_alive(i):
+                out.append(i)
+        return out
 
     # ------------------------------------------------------------------ stats mirror
     def publish_stats(self, values: tuple[int, ...]) -> None:
@@ -534,3 +576,7 @@ class Namespace:
 
 
 _GEN_STATE = L.struct.Struct("<II")
+# x86-64 orders everything but store->load; a lock-prefixed instruction (what an
+# uncontended pthread/sem lock does) is a full barrier there
+_CHEAP_FENCE = platform.machine().lower() in ("x86_64", "amd64")
+_fence_lock = threading.Lock()

@@ -272,9 +272,26 @@ class Participant:
 
     def _deq(self, bucket: int, n: int) -> None:
         """Owner-only counter; caller holds ``self.lock``."""
-        buf = self.own.buckets
-        off = bucket * 8 + 4
-        L.U32.pack_into(buf, off, (L.U32.unpack_from(buf, off)[0] + n) & 0xFFFFFFFF)
+        bk = self.own.bk
+        k = 2 * bucket + 1
+        bk[k] = (bk[k] + n) & 0xFFFFFFFF
+
+    def _resync_buckets(self) -> None:
+        """After discarding the unread ring (caller holds the ring lock, so ``enq`` is
+        still): count only what is queued locally, or the dropped records would hold
+        their channels' capacity for ever."""
+        with self.lock:
+            local: dict[int, int] = {}
+            for store in (self.queues, self.parked):
+                for q in store.values():
+                    for item in q:
+                        if item.bucket >= 0:
+                            local[item.bucket] = local.get(item.bucket, 0) + 1
+            bk = self.own.bk
+            for b in range(len(bk) // 2):
+                want = (bk[2 * b] - local.get(b, 0)) & 0xFFFFFFFF
+                if bk[2 * b + 1] != want:
+                    bk[2 * b + 1] = want
 
     def _put(self, channel: str, item: Item, loop: asyncio.AbstractEventLoop | None) -> None:
         """Caller holds ``self.lock``."""
@@ -372,6 +389,7 @@ class Participant:
                     limited.warning("corrupt", "hybrid_layer: inbox reset: %s", exc)
                     with self.ns.ring_locked(self.own):
                         ring.reset()
+                        self._resync_buckets()
                     break
                 if rec is None:
                     break
@@ -635,13 +653,12 @@ class Participant:
 
     def pending(self) -> int:
         """Messages waiting for this process's channels: in its inbox ring and queues."""
-        counts = self.own.buckets.cast("I")
+        bk = self.own.bk
         total = 0
-        for k in range(0, len(counts), 2):
-            d = (counts[k] - counts[k + 1]) & 0xFFFFFFFF
+        for k in range(0, len(bk), 2):
+            d = (bk[k] - bk[k + 1]) & 0xFFFFFFFF
             if d < 0x80000000:
                 total += d
-        counts.release()
         return total
 
     # ================================================================ close

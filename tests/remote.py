@@ -121,7 +121,7 @@ async def _main(conn: Any, config: dict[str, Any]) -> None:
             ring.data[off : off + n] = b"\xee" * n
             return None
         if cmd == "inject_garbage":  # slot: publish a record with a bad header
-            from hybrid_layer.shm.layout import CTRL_TAIL, U64
+            from hybrid_layer.shm.layout import Q_TAIL
 
             p = layer._p()
             sv = p.ns.slot(args[0])
@@ -129,7 +129,7 @@ async def _main(conn: Any, config: dict[str, Any]) -> None:
                 ring = sv.ring
                 off = ring.tail % ring.size
                 ring.data[off : off + 32] = b"\xde\xad\xbe\xef" * 8
-                U64.pack_into(sv.ctrl, CTRL_TAIL, ring.tail + 32)
+                sv.cq[Q_TAIL] = ring.tail + 32
             return None
         if cmd == "close":
             await layer.close()

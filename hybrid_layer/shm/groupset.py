@@ -17,12 +17,10 @@ from __future__ import annotations
 import hashlib
 from functools import lru_cache
 
-from .layout import CTRL_GROUP_SEQ, CTRL_GROUP_USED, U32, U64
+from .layout import I_GROUP_USED, Q_GROUP_SEQ
 
 EMPTY = 0
 TOMBSTONE = 1
-_u64_unpack = U64.unpack_from
-_u64_pack = U64.pack_into
 
 
 @lru_cache(maxsize=65536)
@@ -35,24 +33,35 @@ def name_hash(kind: str, name: str) -> int:
 
 
 class GroupSet:
-    __slots__ = ("ctrl", "table", "mask", "slots")
+    __slots__ = ("cq", "ci", "table", "mask", "slots")
 
-    def __init__(self, ctrl: memoryview, table: memoryview) -> None:
+    def __init__(self, ctrl: memoryview | bytearray, table: memoryview | bytearray) -> None:
         slots = len(table) // 8
         if slots < 4 or slots & (slots - 1):
             raise ValueError("group set table must hold a power of two (>= 4) of entries")
-        self.ctrl = ctrl
-        self.table = table
+        # every entry and counter is accessed as a whole word of a typed view: one
+        # untorn load or store (struct.pack_into would zero the entry first, and a
+        # reader could take a live entry for EMPTY)
+        ctrl_b = memoryview(ctrl).cast("B")
+        self.cq = ctrl_b.cast("Q")
+        self.ci = ctrl_b.cast("I")
+        self.table = memoryview(table).cast("B").cast("Q")
         self.slots = slots
         self.mask = slots - 1
 
+    def release(self) -> None:
+        self.cq.release()
+        self.ci.release()
+        self.table.release()
+
     # ---------------------------------------------------------------- readers
     def maybe_contains(self, h: int) -> bool:
-        seq = _u64_unpack(self.ctrl, CTRL_GROUP_SEQ)[0]
+        cq = self.cq
+        seq = cq[Q_GROUP_SEQ]
         if seq & 1:
             return True
         found = self._find(h) >= 0
-        if _u64_unpack(self.ctrl, CTRL_GROUP_SEQ)[0] != seq:
+        if cq[Q_GROUP_SEQ] != seq:
             return True
         return found
 
@@ -60,7 +69,7 @@ class GroupSet:
         table, mask = self.table, self.mask
         i = h & mask
         for _ in range(self.slots):
-            v = _u64_unpack(table, i * 8)[0]
+            v = table[i]
             if v == h:
                 return i
             if v == EMPTY:
@@ -71,7 +80,7 @@ class GroupSet:
     # ---------------------------------------------------------------- owner only
     @property
     def used(self) -> int:
-        return int(U32.unpack_from(self.ctrl, CTRL_GROUP_USED)[0])
+        return self.ci[I_GROUP_USED]
 
     def add(self, h: int) -> None:
         if self._find(h) >= 0:
@@ -82,37 +91,36 @@ class GroupSet:
         table, mask = self.table, self.mask
         i = h & mask
         while True:
-            v = _u64_unpack(table, i * 8)[0]
+            v = table[i]
             if v == EMPTY:
-                U32.pack_into(self.ctrl, CTRL_GROUP_USED, self.used + 1)
-                _u64_pack(table, i * 8, h)
+                self.ci[I_GROUP_USED] = self.used + 1
+                table[i] = h
                 return
             if v == TOMBSTONE:  # reuse; ``used`` already counts it
-                _u64_pack(table, i * 8, h)
+                table[i] = h
                 return
             i = (i + 1) & mask
 
     def discard(self, h: int) -> None:
         i = self._find(h)
         if i >= 0:
-            _u64_pack(self.table, i * 8, TOMBSTONE)
+            self.table[i] = TOMBSTONE
 
     def live(self) -> list[int]:
-        out = []
-        for i in range(self.slots):
-            v = _u64_unpack(self.table, i * 8)[0]
-            if v > TOMBSTONE:
-                out.append(v)
-        return out
+        return [v for v in self.table if v > TOMBSTONE]
 
     def clear(self) -> None:
         self._bump()
-        self.table[:] = bytes(len(self.table))
-        U32.pack_into(self.ctrl, CTRL_GROUP_USED, 0)
+        self._zero()
+        self.ci[I_GROUP_USED] = 0
         self._bump()
 
+    def _zero(self) -> None:
+        with self.table.cast("B") as raw:
+            raw[:] = bytes(self.slots * 8)
+
     def _bump(self) -> None:
-        _u64_pack(self.ctrl, CTRL_GROUP_SEQ, _u64_unpack(self.ctrl, CTRL_GROUP_SEQ)[0] + 1)
+        self.cq[Q_GROUP_SEQ] = self.cq[Q_GROUP_SEQ] + 1
 
     def _rebuild(self, extra: int) -> None:
         keep = self.live()
@@ -123,12 +131,13 @@ class GroupSet:
                 "raise CONFIG['max_groups_per_process']"
             )
         self._bump()  # odd: readers answer "maybe"
-        self.table[:] = bytes(len(self.table))
+        self._zero()
         mask = self.mask
+        table = self.table
         for h in keep:
             i = h & mask
-            while _u64_unpack(self.table, i * 8)[0] != EMPTY:
+            while table[i] != EMPTY:
                 i = (i + 1) & mask
-            _u64_pack(self.table, i * 8, h)
-        U32.pack_into(self.ctrl, CTRL_GROUP_USED, len(keep))
+            table[i] = h
+        self.ci[I_GROUP_USED] = len(keep)
         self._bump()

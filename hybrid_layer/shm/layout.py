@@ -44,7 +44,14 @@ H_LEADER = 40  # leader_slot, leader_gen, leader_pid
 H_LEADER_EPOCH = 56
 H_FLUSH_EPOCH = 64
 H_SLOTS_EPOCH = 72
-LEADER_FIELDS = struct.Struct("<iIi")
+# word indices in the registry's typed views (q: u64, i: i32, I: u32)
+HQ_LEADER_EPOCH = H_LEADER_EPOCH // 8
+HQ_FLUSH_EPOCH = H_FLUSH_EPOCH // 8
+HQ_SLOTS_EPOCH = H_SLOTS_EPOCH // 8
+Hi_LEADER_SLOT = H_LEADER // 4
+HI_LEADER_GEN = H_LEADER // 4 + 1
+Hi_LEADER_PID = H_LEADER // 4 + 2
+LEADER_FIELDS = struct.Struct("@iIi")
 REG_SLOT = struct.Struct("<IIid")  # state, gen, pid, started
 REG_SLOT_SIZE = 512
 REG_STATS_OFFSET = 64  # inside a registry slot record: mirrored statistics counters
@@ -62,7 +69,7 @@ STATS_FIELDS = (
     "dropped_dead_reader",
     "dropped_flushed",
 )
-REG_STATS = struct.Struct("<" + "Q" * len(STATS_FIELDS))
+REG_STATS = struct.Struct("@" + "Q" * len(STATS_FIELDS))
 
 SLOT_FREE = 0
 SLOT_LIVE = 1
@@ -78,12 +85,26 @@ CTRL_FLUSH_UPTO = 144  # u64, flush(): records before this ring position are dis
 CTRL_FLUSH_ACK = 152  # u64, owner: the last flush epoch it has applied
 CTRL_GROUP_SEQ = 192  # u64 seqlock of the group set, owner-written
 CTRL_GROUP_USED = 200  # u32 entries in use (live + tombstones), owner-written
-U64 = struct.Struct("<Q")
-U32 = struct.Struct("<I")
+# Words that one process reads while another writes them are accessed ONLY through
+# typed memoryviews (``buf.cast("Q")[i]``), which load and store with one memcpy - a
+# single aligned instruction. ``struct.pack_into`` must never be used on them: it first
+# zeroes the field (memset) and then writes it, so a reader can see 0 in between.
+U64 = struct.Struct("@Q")
+U32 = struct.Struct("@I")
+# word indices for the typed views of the control page
+Q_HEAD = CTRL_HEAD // 8
+Q_TAIL = CTRL_TAIL // 8
+I_WAITING = CTRL_WAITING // 4
+I_GEN = CTRL_GEN // 4
+I_STATE = CTRL_STATE // 4
+Q_FLUSH_UPTO = CTRL_FLUSH_UPTO // 8
+Q_FLUSH_ACK = CTRL_FLUSH_ACK // 8
+Q_GROUP_SEQ = CTRL_GROUP_SEQ // 8
+I_GROUP_USED = CTRL_GROUP_USED // 4
 
 # capacity buckets: per bucket two u32 counters, ``enq`` (writers, under the ring lock)
 # and ``deq`` (owner only). pending = (enq - deq) mod 2**32.
-BUCKET = struct.Struct("<II")
+BUCKET = struct.Struct("@II")
 
 # ring records: header then body (name bytes, then the msgpack message)
 # total body length, magic, kind, name length, expires_at (CLOCK_MONOTONIC seconds)

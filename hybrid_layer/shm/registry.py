@@ -44,34 +44,45 @@ NO_CHANNEL = 3
 class SlotView:
     """A mapping of one slot's segment, as seen by any process."""
 
-    __slots__ = ("bell", "buckets", "ctrl", "groups", "index", "rescue", "ring", "seg", "tlock")
+    __slots__ = (
+        "bell", "bk", "ci", "cq", "groups", "index", "rescue", "ring", "seg", "tlock",
+    )
 
     def __init__(self, seg: Segment, lay: L.SlotLayout, index: int, bell: str, rescue: str):
         self.seg = seg
         self.index = index
-        self.ctrl = seg.view(0, L.PAGE)
-        self.buckets = seg.view(lay.buckets_offset, lay.buckets_offset + lay.bucket_count * 8)
-        self.groups = GroupSet(self.ctrl, seg.view(lay.groups_offset, lay.ring_offset))
-        self.ring = Ring(self.ctrl, seg.view(lay.ring_offset, lay.size))
+        ctrl = seg.view(0, L.PAGE)
+        # typed views: every shared word is one untorn load/store (see layout.U64)
+        self.cq = seg.cast(ctrl, "Q")
+        self.ci = seg.cast(ctrl, "I")
+        # capacity buckets: bk[2b] = enq (writers, under the ring lock), bk[2b+1] = deq
+        self.bk = seg.cast(
+            seg.view(lay.buckets_offset, lay.buckets_offset + lay.bucket_count * 8), "I"
+        )
+        self.groups = GroupSet(ctrl, seg.view(lay.groups_offset, lay.ring_offset))
+        self.ring = Ring(ctrl, seg.view(lay.ring_offset, lay.size))
         self.bell = BellPush(bell)
         self.rescue = BellPush(rescue)
         self.tlock = threading.Lock()
 
     @property
     def gen(self) -> int:
-        return int(L.U32.unpack_from(self.ctrl, L.CTRL_GEN)[0])
+        return self.ci[L.I_GEN]
 
     @property
     def live(self) -> bool:
-        return bool(L.U32.unpack_from(self.ctrl, L.CTRL_STATE)[0] == L.SLOT_LIVE)
+        return self.ci[L.I_STATE] == L.SLOT_LIVE
 
     def pending(self, bucket: int) -> int:
-        enq, deq = L.BUCKET.unpack_from(self.buckets, bucket * 8)
-        return int((enq - deq) & 0xFFFFFFFF)
+        """Messages counted against ``bucket`` (a negative difference reads as 0)."""
+        d = (self.bk[2 * bucket] - self.bk[2 * bucket + 1]) & 0xFFFFFFFF
+        return d if d < 0x80000000 else 0
 
     def close(self) -> None:
         self.bell.close()
         self.rescue.close()
+        self.ring.release()
+        self.groups.release()
         self.seg.close()
 
 
@@ -99,6 +110,9 @@ class Namespace:
         self.lockfile: LockFile | None = None
         self.reg: Segment | None = None
         self.reg_hdr: memoryview = memoryview(b"")
+        self.reg_q: memoryview = memoryview(b"")
+        self.reg_s: memoryview = memoryview(b"")
+        self.reg_i: memoryview = memoryview(b"")
         self.me = -1
         self.gen = 0
         self.own: SlotView | None = None
@@ -196,6 +210,9 @@ class Namespace:
                 self._unlink_stale_slot(i)
         self.reg = reg
         self.reg_hdr = reg.view(0, L.PAGE)
+        self.reg_q = reg.cast(self.reg_hdr, "Q")
+        self.reg_s = reg.cast(self.reg_hdr, "i")
+        self.reg_i = reg.cast(reg.buf, "I")  # whole registry: header and slot records
 
     def _unlink_stale_slot(self, i: int) -> None:
         # a stale slot segment may have another size (layout changed): start clean
@@ -237,24 +254,27 @@ class Namespace:
                 base = secrets.randbits(28)
             gen = (base + 1) & 0xFFFFFFFF or 1
             sv.ring.reset()
-            sv.buckets[:] = bytes(len(sv.buckets))
+            bk = sv.bk
+            for k in range(len(bk)):
+                if bk[k]:
+                    bk[k] = 0
             sv.groups.clear()
-            L.U32.pack_into(sv.ctrl, L.CTRL_WAITING, 0)
-            L.U32.pack_into(sv.ctrl, L.CTRL_GEN, gen)
-            L.U32.pack_into(sv.ctrl, L.CTRL_STATE, L.SLOT_LIVE)
+            sv.cq[L.Q_FLUSH_UPTO] = 0
+            sv.ci[L.I_WAITING] = 0
+            sv.ci[L.I_GEN] = gen
+            sv.ci[L.I_STATE] = L.SLOT_LIVE
         self.me, self.gen, self.own = i, gen, sv
         off = L.reg_slot_offset(i)
-        self.reg.buf[off : off + L.REG_SLOT_SIZE] = bytes(L.REG_SLOT_SIZE)
-        L.REG_SLOT.pack_into(self.reg.buf, off, L.SLOT_LIVE, gen, os.getpid(), time.time())
+        self.reg.buf[off + 4 : off + L.REG_SLOT_SIZE] = bytes(L.REG_SLOT_SIZE - 4)
+        L.REG_SLOT.pack_into(self.reg.buf, off, L.SLOT_FREE, gen, os.getpid(), time.time())
+        self.reg_i[off // 4] = L.SLOT_LIVE  # one store: readers see FREE or LIVE
         self._bump_slots_epoch()
 
     def _reg_state(self, i: int) -> int:
-        assert self.reg is not None
-        return int(L.REG_SLOT.unpack_from(self.reg.buf, L.reg_slot_offset(i))[0])
+        return self.reg_i[L.reg_slot_offset(i) // 4]
 
     def _reg_gen(self, i: int) -> int:
-        assert self.reg is not None
-        return int(L.REG_SLOT.unpack_from(self.reg.buf, L.reg_slot_offset(i))[1])
+        return self.reg_i[L.reg_slot_offset(i) // 4 + 1]
 
     def reg_slot(self, i: int) -> tuple[int, int, int, float]:
         assert self.reg is not None
@@ -262,8 +282,7 @@ class Namespace:
         return state, gen, pid, started
 
     def _bump_slots_epoch(self) -> None:
-        e = L.U64.unpack_from(self.reg_hdr, L.H_SLOTS_EPOCH)[0]
-        L.U64.pack_into(self.reg_hdr, L.H_SLOTS_EPOCH, e + 1)
+        self.reg_q[L.HQ_SLOTS_EPOCH] += 1
 
     # ------------------------------------------------------------------ rings
     @contextlib.contextmanager
@@ -304,17 +323,18 @@ class Namespace:
         """
         lf = self.lockfile
         assert lf is not None
-        ctrl = sv.ctrl
+        ci = sv.ci
         lock_byte = L.RING_LOCK_BASE + sv.index
         with sv.tlock:
             lf.acquire(lock_byte)
             try:
-                g, state = _GEN_STATE.unpack_from(ctrl, L.CTRL_GEN)
-                if state != L.SLOT_LIVE or (gen and g != gen):
+                if ci[L.I_STATE] != L.SLOT_LIVE or (gen and ci[L.I_GEN] != gen):
                     return NO_CHANNEL
                 if bucket >= 0:
-                    enq, deq = L.BUCKET.unpack_from(sv.buckets, bucket * 8)
-                    if (enq - deq) & 0xFFFFFFFF >= capacity:
+                    bk = sv.bk
+                    enq = bk[2 * bucket]
+                    d = (enq - bk[2 * bucket + 1]) & 0xFFFFFFFF
+                    if capacity <= d < 0x80000000:
                         return FULL_CHANNEL
                 ring = sv.ring
                 before = ring.used()
@@ -323,14 +343,14 @@ class Namespace:
                     result = FULL_RING
                 else:
                     if bucket >= 0:
-                        L.U32.pack_into(sv.buckets, bucket * 8, (enq + 1) & 0xFFFFFFFF)
+                        bk[2 * bucket] = (enq + 1) & 0xFFFFFFFF
                     used = ring.used()
                     result = OK
             finally:
                 lf.release(lock_byte)
             # read the flag only after the unlock: the kernel's lock code is a full
             # barrier between our tail store and this load (see prepare_sleep)
-            waiting = result == FULL_RING or bool(L.U32.unpack_from(ctrl, L.CTRL_WAITING)[0])
+            waiting = result == FULL_RING or bool(ci[L.I_WAITING])
         if waiting:
             sv.bell.ring()
         elif urgent and result == OK:
@@ -352,22 +372,22 @@ class Namespace:
         sv = self.own
         assert sv is not None
         if _CHEAP_FENCE:
-            L.U32.pack_into(sv.ctrl, L.CTRL_WAITING, 1)
+            sv.ci[L.I_WAITING] = 1
             _fence_lock.acquire()
             _fence_lock.release()
             return sv.ring.used() == 0
         with self.ring_locked(sv):
-            L.U32.pack_into(sv.ctrl, L.CTRL_WAITING, 1)
+            sv.ci[L.I_WAITING] = 1
             return sv.ring.used() == 0
 
     def set_waiting(self, flag: bool) -> None:
         assert self.own is not None
-        L.U32.pack_into(self.own.ctrl, L.CTRL_WAITING, 1 if flag else 0)
+        self.own.ci[L.I_WAITING] = 1 if flag else 0
 
     # ------------------------------------------------------------------ liveness
     def live_slots(self) -> list[int]:
         """Slots with a live owner per the registry; cached until a slot changes hands."""
-        epoch = L.U64.unpack_from(self.reg_hdr, L.H_SLOTS_EPOCH)[0]
+        epoch = self.reg_q[L.HQ_SLOTS_EPOCH]
         cached_epoch, cached = self._live_cache
         if epoch == cached_epoch:
             return cached
@@ -414,10 +434,9 @@ class Namespace:
                     if rec.kind != L.KIND_CONTROL:
                         dropped += 1
                 sv.ring.reset()
-                L.U32.pack_into(sv.ctrl, L.CTRL_STATE, L.SLOT_FREE)
-                L.U32.pack_into(sv.ctrl, L.CTRL_WAITING, 0)
-        off = L.reg_slot_offset(i)
-        L.U32.pack_into(self.reg.buf, off, L.SLOT_FREE)
+                sv.ci[L.I_STATE] = L.SLOT_FREE
+                sv.ci[L.I_WAITING] = 0
+        self.reg_i[L.reg_slot_offset(i) // 4] = L.SLOT_FREE
         self._bump_slots_epoch()
         return dropped
 
@@ -430,25 +449,30 @@ class Namespace:
         if lf is None or not lf.acquire(L.LEADER_LOCK, blocking=False):
             return False
         self.is_leader = True
-        epoch = L.U64.unpack_from(self.reg_hdr, L.H_LEADER_EPOCH)[0] + 1
-        L.LEADER_FIELDS.pack_into(self.reg_hdr, L.H_LEADER, self.me, self.gen, os.getpid())
-        L.U64.pack_into(self.reg_hdr, L.H_LEADER_EPOCH, epoch)
+        self.reg_s[L.Hi_LEADER_SLOT] = -1  # readers never pair our gen with the old slot
+        self.reg_i[L.HI_LEADER_GEN] = self.gen
+        self.reg_s[L.Hi_LEADER_PID] = os.getpid()
+        self.reg_s[L.Hi_LEADER_SLOT] = self.me
+        self.reg_q[L.HQ_LEADER_EPOCH] += 1
         return True
 
     def leader(self) -> Leader:
-        slot, gen, pid = L.LEADER_FIELDS.unpack_from(self.reg_hdr, L.H_LEADER)
-        epoch = L.U64.unpack_from(self.reg_hdr, L.H_LEADER_EPOCH)[0]
-        return Leader(slot, gen, pid, epoch)
+        s, q = self.reg_s, self.reg_q
+        return Leader(
+            s[L.Hi_LEADER_SLOT], self.reg_i[L.HI_LEADER_GEN], s[L.Hi_LEADER_PID],
+            q[L.HQ_LEADER_EPOCH],
+        )
 
     def resign(self) -> None:
         if self.is_leader and self.lockfile is not None:
-            L.LEADER_FIELDS.pack_into(self.reg_hdr, L.H_LEADER, -1, 0, 0)
+            self.reg_s[L.Hi_LEADER_SLOT] = -1
+            self.reg_s[L.Hi_LEADER_PID] = 0
             self.lockfile.release(L.LEADER_LOCK)
         self.is_leader = False
 
     # ------------------------------------------------------------------ flush
     def flush_epoch(self) -> int:
-        return int(L.U64.unpack_from(self.reg_hdr, L.H_FLUSH_EPOCH)[0])
+        return self.reg_q[L.HQ_FLUSH_EPOCH]
 
     def flush_all(self) -> int:
         """Mark everything now in every live ring as flushed, then bump the flush epoch.
@@ -467,10 +491,10 @@ class Namespace:
                 if sv is None:
                     continue
                 with self.ring_locked(sv):
-                    L.U64.pack_into(sv.ctrl, L.CTRL_FLUSH_UPTO, sv.ring.tail)
+                    sv.cq[L.Q_FLUSH_UPTO] = sv.ring.tail
                 touched.append(sv)
             epoch = self.flush_epoch() + 1
-            L.U64.pack_into(self.reg_hdr, L.H_FLUSH_EPOCH, epoch)
+            self.reg_q[L.HQ_FLUSH_EPOCH] = epoch
         finally:
             lf.release(L.FLUSH_LOCK)
         for sv in touched:
@@ -480,11 +504,11 @@ class Namespace:
 
     def flush_upto(self) -> int:
         assert self.own is not None
-        return int(L.U64.unpack_from(self.own.ctrl, L.CTRL_FLUSH_UPTO)[0])
+        return self.own.cq[L.Q_FLUSH_UPTO]
 
     def ack_flush(self, epoch: int) -> None:
         assert self.own is not None
-        L.U64.pack_into(self.own.ctrl, L.CTRL_FLUSH_ACK, epoch)
+        self.own.cq[L.Q_FLUSH_ACK] = epoch
 
     def flush_unacked(self, epoch: int) -> list[int]:
         """Live slots (other than ours) that have not applied flush ``epoch`` yet."""
@@ -493,7 +517,7 @@ class Namespace:
             sv = self.slot(i)
             if i == self.me or sv is None or not sv.live:
                 continue
-            if L.U64.unpack_from(sv.ctrl, L.CTRL_FLUSH_ACK)[0] < epoch and self.owner_alive(i):
+            if sv.cq[L.Q_FLUSH_ACK] < epoch and self.owner_alive(i):
                 out.append(i)
         return out
 
@@ -517,13 +541,13 @@ class Namespace:
         try:
             if self.own is not None:
                 with self.ring_locked(self.own):
-                    L.U32.pack_into(self.own.ctrl, L.CTRL_STATE, L.SLOT_FREE)
-                    L.U32.pack_into(self.own.ctrl, L.CTRL_WAITING, 0)
+                    self.own.ci[L.I_STATE] = L.SLOT_FREE
+                    self.own.ci[L.I_WAITING] = 0
                     self.own.ring.reset()
             self.resign()
             with self._init_locked():
                 if self.reg is not None and self.me >= 0:
-                    L.U32.pack_into(self.reg.buf, L.reg_slot_offset(self.me), L.SLOT_FREE)
+                    self.reg_i[L.reg_slot_offset(self.me) // 4] = L.SLOT_FREE
                     self._bump_slots_epoch()
                 if self.me >= 0:
                     lf.release(L.SLOT_LOCK_BASE + self.me)
@@ -558,7 +582,7 @@ class Namespace:
         if self.reg is not None:
             self.reg.close()
             self.reg = None
-        self.reg_hdr = memoryview(b"")
+        self.reg_hdr = self.reg_q = self.reg_s = self.reg_i = memoryview(b"")
 
     def abandon(self) -> None:
         """After fork(): drop the parent's objects without touching shared state."""
@@ -574,8 +598,6 @@ class Namespace:
         self.lockfile = None
         self.me = -1
 
-
-_GEN_STATE = L.struct.Struct("<II")
 # x86-64 orders everything but store->load; a lock-prefixed instruction (what an
 # uncontended pthread/sem lock does) is a full barrier there
 _CHEAP_FENCE = platform.machine().lower() in ("x86_64", "amd64")

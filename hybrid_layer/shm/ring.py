@@ -22,13 +22,11 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from .layout import ALIGN, CTRL_HEAD, CTRL_TAIL, KINDS, RECORD, RECORD_MAGIC, U64, align
+from .layout import ALIGN, KINDS, Q_HEAD, Q_TAIL, RECORD, RECORD_MAGIC, align
 
 _HDR = RECORD.size
-_pack_hdr = RECORD.pack_into
+_pack_hdr = RECORD.pack_into  # only for unpublished bytes: it memsets before writing
 _unpack_hdr = RECORD.unpack_from
-_u64_pack = U64.pack_into
-_u64_unpack = U64.unpack_from
 
 
 class RingCorrupt(Exception):
@@ -54,23 +52,29 @@ def record_size(name_len: int, message_len: int) -> int:
 class Ring:
     """The ring over ``ctrl`` (control words) and ``data`` (a multiple of 16 bytes)."""
 
-    __slots__ = ("ctrl", "data", "size")
+    __slots__ = ("data", "q", "size")
 
-    def __init__(self, ctrl: memoryview, data: memoryview) -> None:
+    def __init__(self, ctrl: memoryview | bytearray, data: memoryview | bytearray) -> None:
         if len(data) % ALIGN or len(data) < 64:
             raise ValueError("ring data area must be a multiple of 16 bytes, at least 64")
-        self.ctrl = ctrl
-        self.data = data
+        # head and tail are only ever accessed as whole words of this typed view: one
+        # untorn load or store each (see layout.U64)
+        self.q = memoryview(ctrl).cast("B").cast("Q")
+        self.data = memoryview(data).cast("B")
         self.size = len(data)
+
+    def release(self) -> None:
+        self.q.release()
+        self.data.release()
 
     # ------------------------------------------------------------ positions
     @property
     def head(self) -> int:
-        return int(_u64_unpack(self.ctrl, CTRL_HEAD)[0])
+        return self.q[Q_HEAD]
 
     @property
     def tail(self) -> int:
-        return int(_u64_unpack(self.ctrl, CTRL_TAIL)[0])
+        return self.q[Q_TAIL]
 
     def used(self) -> int:
         return self.tail - self.head
@@ -80,9 +84,10 @@ class Ring:
 
     def reset(self) -> int:
         """Drop everything unread (caller holds the ring lock). Returns bytes dropped."""
-        tail = self.tail
-        dropped = tail - self.head
-        _u64_pack(self.ctrl, CTRL_HEAD, tail)
+        q = self.q
+        tail = q[Q_TAIL]
+        dropped = tail - q[Q_HEAD]
+        q[Q_HEAD] = tail
         return dropped
 
     # ------------------------------------------------------------ writing
@@ -104,8 +109,9 @@ class Ring:
         """Append one record; ``False`` if it does not fit now. Caller holds the ring lock."""
         body_len = len(name) + len(message)
         need = _HDR + align(body_len)
-        tail = self.tail
-        if tail - self.head + need > self.size:
+        q = self.q
+        tail = q[Q_TAIL]
+        if tail - q[Q_HEAD] + need > self.size:
             return False
         # records and the data size are multiples of 16 = header size: no straddling
         _pack_hdr(self.data, tail % self.size, body_len, RECORD_MAGIC, kind, len(name), expires_at)
@@ -115,7 +121,7 @@ class Ring:
         if message:
             self._put(pos, message)
         # publish: one aligned 8-byte store, after every byte of the record
-        _u64_pack(self.ctrl, CTRL_TAIL, tail + need)
+        q[Q_TAIL] = tail + need
         return True
 
     # ------------------------------------------------------------ reading
@@ -128,8 +134,9 @@ class Ring:
 
     def try_read(self) -> Record | None:
         """Copy out and consume the oldest record, ``None`` if empty. Owner only."""
-        head = self.head
-        avail = self.tail - head
+        q = self.q
+        head = q[Q_HEAD]
+        avail = q[Q_TAIL] - head
         if avail == 0:
             return None
         if avail < _HDR or avail > self.size or head % ALIGN:
@@ -147,5 +154,5 @@ class Ring:
             name = body[:name_len].decode("ascii")
         except UnicodeDecodeError as exc:
             raise RingCorrupt(f"record at {head} has a non-ASCII name") from exc
-        _u64_pack(self.ctrl, CTRL_HEAD, head + need)
+        q[Q_HEAD] = head + need
         return Record(kind, name, expires_at, body, name_len)

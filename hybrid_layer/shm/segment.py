@@ -54,9 +54,15 @@ class Segment:
         self._views.append(v)
         return v
 
+    def cast(self, view: memoryview, fmt: str) -> memoryview:
+        """A typed view (``"Q"``, ``"I"``, ``"i"``) that :meth:`close` releases."""
+        v = view.cast(fmt)
+        self._views.append(v)
+        return v
+
     def close(self) -> None:
         """Release every view and unmap. Idempotent."""
-        for v in self._views:
+        for v in reversed(self._views):
             v.release()
         self._views.clear()
         self.buf.release()

@@ -166,3 +166,26 @@ def test_flush_from_one_process_empties_all(remotes: Any) -> None:
     # the normal channel's parked message is gone; a new one arrives
     a.call("send", "q", {"type": "parked-after"})
     assert c.call("receive", "q", 10)["type"] == "parked-after"
+
+
+def test_many_writers_hammering_one_inbox_lose_nothing_and_see_no_corruption(
+    remotes: Any,
+) -> None:
+    # Regression: shared words written with struct.pack_into (which zeroes a field
+    # before writing it) let a reader see tail == 0 and reset its inbox. Three writers
+    # at full speed against one reader exercise every shared word at once.
+    writers = remotes(3, capacity=100_000)
+    (reader,) = remotes(1, capacity=100_000)
+    ch = reader.call("new_channel")
+    n = 6000
+    reader.call("collect", ch, 3 * n)
+    for k, w in enumerate(writers):
+        w.conn.send(("send_many", ch, [{"type": "m", "src": k, "seq": i} for i in range(n)]))
+    for w in writers:
+        assert w.conn.poll(60)
+        assert w.conn.recv() == ("ok", n)
+    got = reader.call("wait_collected", ch, 60)
+    assert len(got) == 3 * n
+    for k in range(3):
+        assert [m["seq"] for m in got if m["src"] == k] == list(range(n))
+    assert reader.call("stats").dropped["corrupt"] == 0

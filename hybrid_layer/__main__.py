@@ -38,7 +38,7 @@ def status(prefix: str, host_id: str | None) -> dict[str, Any]:
     try:
         hdr = L.REG_HEADER.unpack_from(m, 0)
         max_p = hdr[3]
-        leader_slot, leader_gen, leader_pid = L.LEADER_FIELDS.unpack_from(m, L.H_LEADER)
+        leader_slot, _gen, leader_pid = L.LEADER_FIELDS.unpack_from(m, L.H_LEADER)
         lock_path = f"{cfg.shm_dir}/{cfg.namespace}.lock"
         lf = LockFile(lock_path, cfg.mode) if os.path.exists(lock_path) else None
         parts = []
@@ -48,15 +48,25 @@ def status(prefix: str, host_id: str | None) -> dict[str, Any]:
                 continue
             alive = lf.held_by_other(L.SLOT_LOCK_BASE + i) if lf else False
             stats = L.REG_STATS.unpack_from(m, L.reg_slot_offset(i) + L.REG_STATS_OFFSET)
-            parts.append({
-                "slot": i, "gen": gen, "pid": pid, "alive": alive, "started": started,
-                "leader": i == leader_slot, **dict(zip(L.STATS_FIELDS, stats, strict=True)),
-            })
+            parts.append(
+                {
+                    "slot": i,
+                    "gen": gen,
+                    "pid": pid,
+                    "alive": alive,
+                    "started": started,
+                    "leader": i == leader_slot,
+                    **dict(zip(L.STATS_FIELDS, stats, strict=True)),
+                }
+            )
         if lf:
             lf.close()
         return {
-            "namespace": cfg.namespace, "exists": True, "max_participants": max_p,
-            "ring_bytes": hdr[2], "leader_pid": leader_pid,
+            "namespace": cfg.namespace,
+            "exists": True,
+            "max_participants": max_p,
+            "ring_bytes": hdr[2],
+            "leader_pid": leader_pid,
             "leader_epoch": L.U64.unpack_from(m, L.H_LEADER_EPOCH)[0],
             "participants": parts,
         }
@@ -79,13 +89,17 @@ def main(argv: list[str] | None = None) -> int:
     if not info["exists"]:
         print(f"{info['namespace']}: no shared memory (no process attached)")
         return 0
-    print(f"{info['namespace']}: leader pid {info['leader_pid']} (epoch {info['leader_epoch']}),"
-          f" {len(info['participants'])} participant(s), ring {info['ring_bytes']} bytes")
+    print(
+        f"{info['namespace']}: leader pid {info['leader_pid']} (epoch {info['leader_epoch']}),"
+        f" {len(info['participants'])} participant(s), ring {info['ring_bytes']} bytes"
+    )
     for p in info["participants"]:
         dropped = {k[8:]: v for k, v in p.items() if k.startswith("dropped_") and v}
-        print(f"  slot {p['slot']:3d} pid {p['pid']:7d} {'LEADER ' if p['leader'] else ''}"
-              f"{'' if p['alive'] else '(dead, not yet reclaimed) '}"
-              f"sent {p['sent']} received {p['received']} dropped {dropped or 0}")
+        print(
+            f"  slot {p['slot']:3d} pid {p['pid']:7d} {'LEADER ' if p['leader'] else ''}"
+            f"{'' if p['alive'] else '(dead, not yet reclaimed) '}"
+            f"sent {p['sent']} received {p['received']} dropped {dropped or 0}"
+        )
     return 0
 
 

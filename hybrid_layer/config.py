@@ -91,8 +91,7 @@ def _number(key: str, value: Any, *, minimum: float, integer: bool = False) -> A
 def _ident(key: str, value: Any) -> str:
     if not isinstance(value, str) or not _ID_RE.fullmatch(value):
         raise ValueError(
-            f"CONFIG[{key!r}] must be 1-32 characters of letters, digits, '-' or '_', "
-            f"got {value!r}"
+            f"CONFIG[{key!r}] must be 1-32 characters of letters, digits, '-' or '_', got {value!r}"
         )
     return value
 
@@ -116,8 +115,7 @@ def _capacities(value: Any) -> tuple[tuple[re.Pattern[str], int], ...]:
             compiled = pattern
         else:
             raise ValueError(
-                f"CONFIG[{key!r}] pattern must be a glob string or compiled regex, "
-                f"got {pattern!r}"
+                f"CONFIG[{key!r}] pattern must be a glob string or compiled regex, got {pattern!r}"
             )
         out.append((compiled, _number(f"{key}[{pattern!r}]", cap, minimum=1, integer=True)))
     return tuple(out)
@@ -136,9 +134,7 @@ def parse_config(raw: Mapping[str, Any] | None = None, **kwargs: Any) -> LayerCo
         )
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(
-            f"unknown CONFIG key(s) {unknown}; known keys: {sorted(known)}"
-        )
+        raise ValueError(f"unknown CONFIG key(s) {unknown}; known keys: {sorted(known)}")
     out: dict[str, Any] = {}
     if "prefix" in values:
         out["prefix"] = _ident("prefix", values["prefix"])
@@ -187,7 +183,9 @@ def parse_config(raw: Mapping[str, Any] | None = None, **kwargs: Any) -> LayerCo
         out["max_groups_per_process"] = mg
     if "shm_dir" in values:
         if not isinstance(values["shm_dir"], str) or not values["shm_dir"].startswith("/"):
-            raise ValueError(f"CONFIG['shm_dir'] must be an absolute path, got {values['shm_dir']!r}")
+            raise ValueError(
+                f"CONFIG['shm_dir'] must be an absolute path, got {values['shm_dir']!r}"
+            )
         out["shm_dir"] = values["shm_dir"].rstrip("/") or "/"
     if "mode" in values:
         mode = values["mode"]

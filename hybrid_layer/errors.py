@@ -13,6 +13,7 @@ from channels.exceptions import ChannelFull as _ChannelsChannelFull
 try:  # channels >= 4.1 has MessageTooLarge
     from channels.exceptions import MessageTooLarge as _ChannelsMessageTooLarge
 except ImportError:  # pragma: no cover - older channels
+
     class _ChannelsMessageTooLarge(Exception):  # type: ignore[no-redef]
         pass
 

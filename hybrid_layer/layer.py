@@ -15,7 +15,7 @@ import os
 import threading
 import time
 import weakref
-from typing import Any
+from typing import Any, ClassVar
 
 from channels.layers import BaseChannelLayer
 
@@ -26,7 +26,7 @@ from .errors import ChannelFull, LayerClosed, MessageTooLarge
 from .names import parse
 from .participant import Participant
 from .shm.groupset import name_hash
-from .shm.registry import FULL_CHANNEL, FULL_RING, NO_CHANNEL, OK
+from .shm.registry import FULL_RING, NO_CHANNEL, OK
 from .stats import ChannelStatistics, Statistics, split
 
 _monotonic = time.monotonic
@@ -41,7 +41,7 @@ FLUSH_WAIT = 2.0
 class HybridChannelLayer(BaseChannelLayer):  # type: ignore[misc]
     """Channel layer over POSIX shared memory (one host; RabbitMQ across hosts later)."""
 
-    extensions = ["groups", "flush"]
+    extensions: ClassVar[list[str]] = ["groups", "flush"]
 
     def __init__(self, config: dict[str, Any] | None = None, **kwargs: Any) -> None:
         cfg = parse_config(config, **kwargs)
@@ -106,8 +106,10 @@ class HybridChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         elif r == NO_CHANNEL:
             c.dropped_no_channel += 1
             limited.warning(
-                "no-channel", "hybrid_layer: message to %r dropped: no such channel on this "
-                "host (its process is gone, or the name is not one of this layer's)", channel,
+                "no-channel",
+                "hybrid_layer: message to %r dropped: no such channel on this "
+                "host (its process is gone, or the name is not one of this layer's)",
+                channel,
             )
         else:
             c.raised_full += 1
@@ -181,7 +183,9 @@ class HybridChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         if left:
             logging.getLogger("hybrid_layer").warning(
                 "hybrid_layer: flush not applied within %.1fs by slots %s (stopped or busy "
-                "processes); they will apply it when they resume", FLUSH_WAIT, left,
+                "processes); they will apply it when they resume",
+                FLUSH_WAIT,
+                left,
             )
 
     async def close(self) -> None:
@@ -203,14 +207,26 @@ class HybridChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         ld = p.ns.leader()
         c = p.counters
         return Statistics(
-            sent=c.sent, received=c.received, group_sends=c.group_sends,
-            group_copies=c.group_copies, raised=raised, dropped=dropped,
+            sent=c.sent,
+            received=c.received,
+            group_sends=c.group_sends,
+            group_copies=c.group_copies,
+            raised=raised,
+            dropped=dropped,
             pending=p.pending(),
-            ring_used_bytes=ring.used(), ring_size_bytes=ring.size,
-            participants=len(p.ns.live_slots()), leader_pid=ld.pid, leader_epoch=ld.epoch,
-            is_leader=p.ns.is_leader, pid=os.getpid(), slot=p.slot,
-            extra={"groups": len(p.groups), "normal_readers": len(p.readers),
-                   "parked": sum(len(q) for q in p.parked.values())},
+            ring_used_bytes=ring.used(),
+            ring_size_bytes=ring.size,
+            participants=len(p.ns.live_slots()),
+            leader_pid=ld.pid,
+            leader_epoch=ld.epoch,
+            is_leader=p.ns.is_leader,
+            pid=os.getpid(),
+            slot=p.slot,
+            extra={
+                "groups": len(p.groups),
+                "normal_readers": len(p.readers),
+                "parked": sum(len(q) for q in p.parked.values()),
+            },
         )
 
     def global_statistics(self) -> Statistics:
@@ -231,12 +247,21 @@ class HybridChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         raised, dropped = split(totals)
         ld = p.ns.leader()
         return Statistics(
-            sent=totals["sent"], received=totals["received"],
-            group_sends=totals["group_sends"], group_copies=totals["group_copies"],
-            raised=raised, dropped=dropped, pending=-1, ring_used_bytes=ring_used,
-            ring_size_bytes=p.own.ring.size * len(live), participants=len(live),
-            leader_pid=ld.pid, leader_epoch=ld.epoch, is_leader=p.ns.is_leader,
-            pid=os.getpid(), slot=p.slot,
+            sent=totals["sent"],
+            received=totals["received"],
+            group_sends=totals["group_sends"],
+            group_copies=totals["group_copies"],
+            raised=raised,
+            dropped=dropped,
+            pending=-1,
+            ring_used_bytes=ring_used,
+            ring_size_bytes=p.own.ring.size * len(live),
+            participants=len(live),
+            leader_pid=ld.pid,
+            leader_epoch=ld.epoch,
+            is_leader=p.ns.is_leader,
+            pid=os.getpid(),
+            slot=p.slot,
         )
 
     def channel_statistics(self, channel: str) -> ChannelStatistics:

@@ -20,7 +20,9 @@ from functools import lru_cache
 from typing import NamedTuple
 
 # strictly what mint() produces: lowercase hex, no signs, no underscores, no 0x
-_ADDR = re.compile(r"\.([A-Za-z0-9_-]{1,32})\.([0-9a-f]{1,8})\.([0-9a-f]{1,8})!([0-9a-f]{1,8})\.[0-9a-f]+")
+_ADDR = re.compile(
+    r"\.([A-Za-z0-9_-]{1,32})\.([0-9a-f]{1,8})\.([0-9a-f]{1,8})!([0-9a-f]{1,8})\.[0-9a-f]+"
+)
 
 
 class ProcessAddress(NamedTuple):

@@ -129,7 +129,13 @@ class Participant:
         if sv is None:
             return NO_CHANNEL
         return self.ns.write(
-            sv, addr.gen, L.KIND_DIRECT, channel.encode(), expires_at, msg, addr.bucket,
+            sv,
+            addr.gen,
+            L.KIND_DIRECT,
+            channel.encode(),
+            expires_at,
+            msg,
+            addr.bucket,
             self.capacity_for(channel),
         )
 
@@ -146,8 +152,9 @@ class Participant:
         ld = self.ns.leader()
         ldsv = self.ns.slot(ld.slot) if ld.slot >= 0 else None
         if ldsv is not None and ldsv.groups.maybe_contains(name_hash("p", channel)):
-            r = self.ns.write(ldsv, ld.gen, L.KIND_NORMAL, name_b, expires_at, msg, bucket, cap,
-                              True)
+            r = self.ns.write(
+                ldsv, ld.gen, L.KIND_NORMAL, name_b, expires_at, msg, bucket, cap, True
+            )
             if r != NO_CHANNEL:
                 return r
         readers = []
@@ -162,8 +169,15 @@ class Participant:
             n = len(readers)
             for k in range(n):
                 r = self.ns.write(
-                    readers[(start + k) % n], 0, L.KIND_NORMAL, name_b, expires_at, msg,
-                    bucket, cap, True,
+                    readers[(start + k) % n],
+                    0,
+                    L.KIND_NORMAL,
+                    name_b,
+                    expires_at,
+                    msg,
+                    bucket,
+                    cap,
+                    True,
                 )
                 if r == OK:
                     return OK
@@ -199,13 +213,16 @@ class Participant:
             if r == FULL_RING:
                 c.dropped_full += 1
                 limited.warning(
-                    "group-full", "hybrid_layer: group %r message dropped: inbox of slot %d "
-                    "is full", group, i,
+                    "group-full",
+                    "hybrid_layer: group %r message dropped: inbox of slot %d is full",
+                    group,
+                    i,
                 )
 
     def control(self, sv: SlotView, verb: str, *args: Any) -> int:
-        return self.ns.write(sv, 0, L.KIND_CONTROL, verb.encode(), _monotonic() + 60,
-                             encode_args(*args), -1, 0, True)
+        return self.ns.write(
+            sv, 0, L.KIND_CONTROL, verb.encode(), _monotonic() + 60, encode_args(*args), -1, 0, True
+        )
 
     # ================================================================ groups
     def group_add(self, group: str, channel: str) -> None:
@@ -438,8 +455,9 @@ class Participant:
                 c.dropped_expired += 1
             return
         if kind == L.KIND_DIRECT:
-            item = Item(rec.expires_at, pos, self._record_bucket(kind, rec.name), rec.body,
-                        rec.name_len)
+            item = Item(
+                rec.expires_at, pos, self._record_bucket(kind, rec.name), rec.body, rec.name_len
+            )
             with self.lock:
                 self._put(rec.name, item, loop)
         elif kind == L.KIND_GROUP:
@@ -486,7 +504,7 @@ class Participant:
         group = rec.name
         c = self.counters
         with self.lock:
-            members, expired, action = self.groups.members(
+            members, _expired, action = self.groups.members(
                 group, time.time(), self.cfg.group_expiry
             )
             if action is Action.LEAVE:
@@ -508,8 +526,10 @@ class Participant:
                     if self.own.pending(bucket) >= self.capacity_for(channel):
                         c.dropped_full += 1
                         limited.warning(
-                            "grp-full", "hybrid_layer: group %r copy for %r dropped: channel "
-                            "full", group, channel,
+                            "grp-full",
+                            "hybrid_layer: group %r copy for %r dropped: channel full",
+                            group,
+                            channel,
                         )
                         continue
                     self._deq(bucket, -1)
@@ -587,8 +607,16 @@ class Participant:
                 continue
             sv = self.ns.slot(i)
             if sv is not None and sv.groups.maybe_contains(h):
-                r = self.ns.write(sv, 0, L.KIND_NORMAL, channel.encode(), item.expires_at, msg,
-                                  item.bucket, self.capacity_for(channel))
+                r = self.ns.write(
+                    sv,
+                    0,
+                    L.KIND_NORMAL,
+                    channel.encode(),
+                    item.expires_at,
+                    msg,
+                    item.bucket,
+                    self.capacity_for(channel),
+                )
                 if r == OK:
                     return OK
         return NO_CHANNEL
@@ -603,7 +631,10 @@ class Participant:
                 self.counters.dropped_dead_reader += n
                 log.warning(
                     "hybrid_layer: reclaimed slot %d of dead process %d (%d unread messages "
-                    "dropped, its group memberships released)", i, pid, n,
+                    "dropped, its group memberships released)",
+                    i,
+                    pid,
+                    n,
                 )
 
     # ================================================================ maintenance
@@ -675,7 +706,8 @@ class Participant:
                 self.counters.dropped_no_channel += dropped
                 log.warning(
                     "hybrid_layer: %d messages parked for normal channels without a reader "
-                    "dropped at close", dropped,
+                    "dropped at close",
+                    dropped,
                 )
         with self.lock:
             waiters = [w for ws in self.waiters.values() for w in ws]

@@ -62,7 +62,5 @@ class ChannelStatistics:
 
 def split(values: dict[str, int]) -> tuple[dict[str, int], dict[str, int]]:
     raised = {"full": values["raised_full"], "too_large": values["raised_too_large"]}
-    dropped = {
-        k[len("dropped_") :]: v for k, v in values.items() if k.startswith("dropped_")
-    }
+    dropped = {k[len("dropped_") :]: v for k, v in values.items() if k.startswith("dropped_")}
     return raised, dropped

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.remote import Remote
 
 SHM = "/dev/shm"
 
@@ -49,3 +52,20 @@ async def layer(layer_config: dict[str, Any]) -> AsyncIterator[Any]:
     lay = HybridChannelLayer(**layer_config)
     yield lay
     await lay.close()
+
+
+@pytest.fixture
+def remotes(layer_config: dict[str, Any]) -> Iterator[Callable[..., list[Remote]]]:
+    """Start participants in separate spawned processes; all closed after the test."""
+    from tests.remote import Remote
+
+    started: list[Remote] = []
+
+    def start(n: int, **overrides: Any) -> list[Remote]:
+        out = [Remote({**layer_config, **overrides}) for _ in range(n)]
+        started.extend(out)
+        return out
+
+    yield start
+    for r in started:
+        r.close()

@@ -33,7 +33,7 @@ def name_hash(kind: str, name: str) -> int:
 
 
 class GroupSet:
-    __slots__ = ("cq", "ci", "table", "mask", "slots")
+    __slots__ = ("ci", "cq", "mask", "slots", "table")
 
     def __init__(self, ctrl: memoryview | bytearray, table: memoryview | bytearray) -> None:
         slots = len(table) // 8

@@ -45,7 +45,16 @@ class SlotView:
     """A mapping of one slot's segment, as seen by any process."""
 
     __slots__ = (
-        "bell", "bk", "ci", "cq", "groups", "index", "rescue", "ring", "seg", "tlock",
+        "bell",
+        "bk",
+        "ci",
+        "cq",
+        "groups",
+        "index",
+        "rescue",
+        "ring",
+        "seg",
+        "tlock",
     )
 
     def __init__(self, seg: Segment, lay: L.SlotLayout, index: int, bell: str, rescue: str):
@@ -175,8 +184,14 @@ class Namespace:
         lf.release(L.INIT_LOCK)
 
     def _header_values(self) -> tuple[int, ...]:
-        return (L.MAGIC, L.VERSION, self.lay.ring_bytes, self.max_p, self.lay.channel_buckets,
-                self.lay.group_slots)
+        return (
+            L.MAGIC,
+            L.VERSION,
+            self.lay.ring_bytes,
+            self.max_p,
+            self.lay.channel_buckets,
+            self.lay.group_slots,
+        )
 
     def _open_registry(self, anyone_alive: bool) -> None:
         size = L.registry_size(self.max_p)
@@ -459,7 +474,9 @@ class Namespace:
     def leader(self) -> Leader:
         s, q = self.reg_s, self.reg_q
         return Leader(
-            s[L.Hi_LEADER_SLOT], self.reg_i[L.HI_LEADER_GEN], s[L.Hi_LEADER_PID],
+            s[L.Hi_LEADER_SLOT],
+            self.reg_i[L.HI_LEADER_GEN],
+            s[L.Hi_LEADER_PID],
             q[L.HQ_LEADER_EPOCH],
         )
 
@@ -524,12 +541,15 @@ class Namespace:
     # ------------------------------------------------------------------ stats mirror
     def publish_stats(self, values: tuple[int, ...]) -> None:
         if self.reg is not None and self.me >= 0:
-            L.REG_STATS.pack_into(self.reg.buf, L.reg_slot_offset(self.me) + L.REG_STATS_OFFSET,
-                                  *values)
+            L.REG_STATS.pack_into(
+                self.reg.buf, L.reg_slot_offset(self.me) + L.REG_STATS_OFFSET, *values
+            )
 
     def slot_stats(self, i: int) -> tuple[int, ...]:
         assert self.reg is not None
-        return tuple(L.REG_STATS.unpack_from(self.reg.buf, L.reg_slot_offset(i) + L.REG_STATS_OFFSET))
+        return tuple(
+            L.REG_STATS.unpack_from(self.reg.buf, L.reg_slot_offset(i) + L.REG_STATS_OFFSET)
+        )
 
     # ------------------------------------------------------------------ detach
     def detach(self) -> bool:
@@ -597,6 +617,7 @@ class Namespace:
         self._close_maps()
         self.lockfile = None
         self.me = -1
+
 
 # x86-64 orders everything but store->load; a lock-prefixed instruction (what an
 # uncontended pthread/sem lock does) is a full barrier there

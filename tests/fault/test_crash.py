@@ -8,7 +8,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -17,20 +16,6 @@ from tests.conftest import _ours
 from tests.remote import Remote, RemoteError, wait_until
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def remotes(layer_config: dict[str, Any]) -> Iterator[Callable[..., list[Remote]]]:
-    started: list[Remote] = []
-
-    def start(n: int, **overrides: Any) -> list[Remote]:
-        out = [Remote({**layer_config, **overrides}) for _ in range(n)]
-        started.extend(out)
-        return out
-
-    yield start
-    for r in started:
-        r.close()
 
 
 def test_sigkill_while_holding_a_ring_lock_does_not_wedge_writers(remotes: Any) -> None:

@@ -30,8 +30,8 @@ from channels.exceptions import ChannelFull as ChannelsChannelFull
 from channels.layers import BaseChannelLayer, InMemoryChannelLayer
 
 import hybrid_layer
-from hybrid_layer.names import parse
 from hybrid_layer import HybridChannelLayer
+from hybrid_layer.names import parse
 
 try:
     from channels.exceptions import MessageTooLarge as ChannelsMessageTooLarge
@@ -1318,9 +1318,9 @@ async def test_hybrid_use_after_close_attaches_a_fresh_participant(
     old = await lay.new_channel()
     await lay.close()
     new = await lay.new_channel()
-    assert parse(new) != parse(old) and parse(new).gen != parse(old).gen or (
-        parse(new).slot != parse(old).slot
-    )
+    a_new, a_old = parse(new), parse(old)
+    assert a_new is not None and a_old is not None
+    assert (a_new.slot, a_new.gen) != (a_old.slot, a_old.gen), "a new incarnation"
     await lay.send(old, {"x": 1})
     assert lay.statistics().dropped["no_channel"] == 1
     await lay.send(new, {"x": 2})

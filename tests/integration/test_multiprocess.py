@@ -2,28 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
-from tests.remote import Remote, RemoteError, wait_until
+from tests.remote import RemoteError, wait_until
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def remotes(layer_config: dict[str, Any]) -> Iterator[Callable[..., list[Remote]]]:
-    started: list[Remote] = []
-
-    def start(n: int, **overrides: Any) -> list[Remote]:
-        out = [Remote({**layer_config, **overrides}) for _ in range(n)]
-        started.extend(out)
-        return out
-
-    yield start
-    for r in started:
-        r.close()
 
 
 def test_direct_sends_between_four_processes_keep_fifo(remotes: Any) -> None:

@@ -30,11 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from tests.conftest import _ours
-
 import uvicorn  # noqa: F401 - a test dependency: fail, never skip, when it is missing
 import websockets.asyncio.client as websockets_client
+
+from tests.conftest import _ours
 
 REPO = Path(__file__).resolve().parents[2]
 APP = "tests.apps.chatapp.asgi:application"

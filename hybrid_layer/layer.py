@@ -26,6 +26,7 @@ from .errors import ChannelFull, LayerClosed, MessageTooLarge
 from .names import parse
 from .participant import Participant
 from .shm.groupset import name_hash
+from .shm.layout import STATS_FIELDS
 from .shm.registry import FULL_RING, NO_CHANNEL, OK
 from .stats import ChannelStatistics, Statistics, split
 
@@ -233,8 +234,6 @@ class HybridChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         """Counters summed over every live participant of the host (mirrored ~1/s)."""
         p = self._p()
         p.ns.publish_stats(p.counters.values())
-        from .shm.layout import STATS_FIELDS
-
         totals = dict.fromkeys(STATS_FIELDS, 0)
         live = p.ns.live_slots()
         ring_used = 0
@@ -276,13 +275,13 @@ class HybridChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             sv = p.ns.slot(addr.slot)
             pending = sv.pending(addr.bucket) if sv is not None and sv.gen == addr.gen else 0
             return ChannelStatistics(channel, pending, cap, True)
-        h = name_hash("n", channel)
+        # a normal channel's messages wait with its readers and, parked, with the leader
         bucket = p.normal_bucket(channel)
-        pending = 0
-        for i in p.ns.live_slots():
-            sv = p.ns.slot(i)
-            if sv is not None and (sv.groups.maybe_contains(h) or i == p.ns.leader().slot):
-                pending += sv.pending(bucket)
+        holders = {sv.index: sv for sv in p.ns.slots_with(name_hash("n", channel))}
+        leader = p.ns.slot(p.ns.leader().slot) if p.ns.leader().slot >= 0 else None
+        if leader is not None:
+            holders[leader.index] = leader
+        pending = sum(sv.pending(bucket) for sv in holders.values())
         return ChannelStatistics(channel, pending, cap, True)
 
     def __repr__(self) -> str:

@@ -157,11 +157,7 @@ class Participant:
             )
             if r != NO_CHANNEL:
                 return r
-        readers = []
-        for i in self.ns.live_slots():
-            sv = self.ns.slot(i)
-            if sv is not None and sv.groups.maybe_contains(h):
-                readers.append(sv)
+        readers = self.ns.slots_with(h)
         result = NO_CHANNEL
         if readers:
             start = self.rr.get(channel, 0)
@@ -205,10 +201,7 @@ class Participant:
         name_b = group.encode()
         c = self.counters
         c.group_sends += 1
-        for i in self.ns.live_slots():
-            sv = self.own if i == self.slot else self.ns.slot(i)
-            if sv is None or not sv.groups.maybe_contains(h):
-                continue
+        for sv in self.ns.slots_with(h):
             r = self.ns.write(sv, 0, L.KIND_GROUP, name_b, expires_at, msg, -1, 0, True)
             if r == FULL_RING:
                 c.dropped_full += 1
@@ -216,7 +209,7 @@ class Participant:
                     "group-full",
                     "hybrid_layer: group %r message dropped: inbox of slot %d is full",
                     group,
-                    i,
+                    sv.index,
                 )
 
     def control(self, sv: SlotView, verb: str, *args: Any) -> int:
@@ -241,12 +234,8 @@ class Participant:
             return
         # the membership may belong to another process (it called group_add): tell
         # every process that has members in the group; its owner drops it
-        for i in self.ns.live_slots():
-            if i == self.slot:
-                continue
-            sv = self.ns.slot(i)
-            if sv is not None and sv.groups.maybe_contains(h):
-                self.control(sv, "discard", group, channel)
+        for sv in self.ns.slots_with(h, exclude=self.slot):
+            self.control(sv, "discard", group, channel)
 
     def ensure_reader(self, channel: str) -> None:
         """Become a reader of normal channel ``channel`` (on first receive of it)."""
@@ -600,25 +589,14 @@ class Participant:
                     self.own.groups.discard(name_hash("p", channel))
 
     def _forward_to_reader(self, channel: str, item: Item) -> int:
-        h = name_hash("n", channel)
         msg = memoryview(item.body)[item.name_len :]
-        for i in self.ns.live_slots():
-            if i == self.slot:
-                continue
-            sv = self.ns.slot(i)
-            if sv is not None and sv.groups.maybe_contains(h):
-                r = self.ns.write(
-                    sv,
-                    0,
-                    L.KIND_NORMAL,
-                    channel.encode(),
-                    item.expires_at,
-                    msg,
-                    item.bucket,
-                    self.capacity_for(channel),
-                )
-                if r == OK:
-                    return OK
+        cap = self.capacity_for(channel)
+        for sv in self.ns.slots_with(name_hash("n", channel), exclude=self.slot):
+            r = self.ns.write(
+                sv, 0, L.KIND_NORMAL, channel.encode(), item.expires_at, msg, item.bucket, cap
+            )
+            if r == OK:
+                return OK
         return NO_CHANNEL
 
     def reclaim_dead(self) -> None:

@@ -222,16 +222,13 @@ class Namespace:
                 reg.buf, 0, *self._header_values(), -1, 0, 0, 0, 0, 0, time.time()
             )
             for i in range(self.max_p):
-                self._unlink_stale_slot(i)
+                # a stale slot segment may have another size (layout changed)
+                unlink(self.slot_name(i))
         self.reg = reg
         self.reg_hdr = reg.view(0, L.PAGE)
         self.reg_q = reg.cast(self.reg_hdr, "Q")
         self.reg_s = reg.cast(self.reg_hdr, "i")
         self.reg_i = reg.cast(reg.buf, "I")  # whole registry: header and slot records
-
-    def _unlink_stale_slot(self, i: int) -> None:
-        # a stale slot segment may have another size (layout changed): start clean
-        unlink(self.slot_name(i))
 
     def _slot_segment(self, i: int, *, create: bool) -> SlotView | None:
         with self.slots_lock:
@@ -409,6 +406,18 @@ class Namespace:
         live = [i for i in range(self.max_p) if self._reg_state(i) == L.SLOT_LIVE]
         self._live_cache = (epoch, live)
         return live
+
+    def slots_with(self, h: int, *, exclude: int = -1) -> list[SlotView]:
+        """Live slots whose published set may hold hash ``h`` (a group, a normal
+        channel's readers, a channel parked with the leader)."""
+        out = []
+        for i in self.live_slots():
+            if i == exclude:
+                continue
+            sv = self.slot(i)
+            if sv is not None and sv.groups.maybe_contains(h):
+                out.append(sv)
+        return out
 
     def owner_alive(self, i: int) -> bool:
         if i == self.me:

@@ -19,8 +19,19 @@ _ID_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
 
 MIB = 1024 * 1024
 
-#: Keys that belong to broker mode, which this release does not implement yet.
-BROKER_KEYS = frozenset({"host", "ssl_context", "groups_exchange", "symmetric_encryption_keys"})
+#: Keys that only mean something with a broker (``host``) configured.
+BROKER_KEYS = frozenset(
+    {
+        "ssl_context",
+        "groups_exchange",
+        "symmetric_encryption_keys",
+        "remote_capacity",
+        "heartbeat",
+        "connect_timeout",
+        "on_disconnect",
+        "on_reconnect",
+    }
+)
 
 
 def default_host_id() -> str:
@@ -54,6 +65,20 @@ class LayerConfig:
     max_groups_per_process: int = 16384
     shm_dir: str = "/dev/shm"
     mode: int = 0o600
+    # ---- broker mode (RabbitMQ); empty ``broker_urls`` = single host
+    broker_urls: tuple[str, ...] = ()
+    ssl_context: Any = None
+    groups_exchange: str = "groups"
+    encryption_keys: tuple[bytes, ...] = ()
+    remote_capacity: int = 100_000
+    heartbeat: int = 10
+    connect_timeout: float = 5.0
+    on_disconnect: str | None = None
+    on_reconnect: str | None = None
+
+    @property
+    def broker(self) -> bool:
+        return bool(self.broker_urls)
 
     @property
     def namespace(self) -> str:
@@ -125,13 +150,10 @@ def parse_config(raw: Mapping[str, Any] | None = None, **kwargs: Any) -> LayerCo
     """Validate a CONFIG dict (or keyword arguments, as channels passes them)."""
     values: dict[str, Any] = dict(raw or {})
     values.update(kwargs)
-    known = set(LayerConfig.__dataclass_fields__)
-    broker = sorted(BROKER_KEYS & set(values))
-    if broker:
-        raise ValueError(
-            f"CONFIG{broker} selects broker mode (RabbitMQ), which this release of "
-            "hybrid_layer does not implement yet; remove the key to run single-host"
-        )
+    known = (set(LayerConfig.__dataclass_fields__) - {"broker_urls", "encryption_keys"}) | {
+        "host",
+        "symmetric_encryption_keys",
+    }
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"unknown CONFIG key(s) {unknown}; known keys: {sorted(known)}")
@@ -194,4 +216,96 @@ def parse_config(raw: Mapping[str, Any] | None = None, **kwargs: Any) -> LayerCo
         if not mode & 0o600 == 0o600:
             raise ValueError("CONFIG['mode'] must let the owner read and write (0o600 bits)")
         out["mode"] = mode
+    out.update(_broker(values))
     return LayerConfig(**out)
+
+
+def _broker(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The broker-mode keys: ``host`` turns it on; the others need it."""
+    out: dict[str, Any] = {}
+    host = values.get("host")
+    if host is None:
+        stray = sorted(k for k in BROKER_KEYS & set(values) if values[k] is not None)
+        if stray:
+            raise ValueError(
+                f"CONFIG{stray} only apply with a broker: set CONFIG['host'] to an AMQP URL "
+                "(amqp://user:password@host:5672/vhost), or remove them to run single-host"
+            )
+        return out
+    urls = [host] if isinstance(host, str) else host
+    if not isinstance(urls, list | tuple) or not urls:
+        raise ValueError(
+            "CONFIG['host'] must be an AMQP URL or a non-empty list of them (a cluster, "
+            f"tried in turn), got {host!r}"
+        )
+    for url in urls:
+        if not isinstance(url, str) or not re.match(r"amqps?://[^/?#]", url):
+            raise ValueError(
+                f"CONFIG['host'] entries must be amqp:// or amqps:// URLs, got {url!r}"
+            )
+    out["broker_urls"] = tuple(urls)
+    ctx = values.get("ssl_context")
+    if ctx is not None:
+        import ssl
+
+        if not isinstance(ctx, ssl.SSLContext):
+            raise ValueError(
+                f"CONFIG['ssl_context'] must be an ssl.SSLContext, got {type(ctx).__name__}"
+            )
+        out["ssl_context"] = ctx
+    if "groups_exchange" in values:
+        ex = values["groups_exchange"]
+        if not isinstance(ex, str) or not re.fullmatch(r"[A-Za-z0-9_.:-]{1,127}", ex):
+            raise ValueError(
+                "CONFIG['groups_exchange'] must be 1-127 characters of letters, digits, "
+                f"'_', '.', ':' or '-', got {ex!r}"
+            )
+        out["groups_exchange"] = ex
+    keys = values.get("symmetric_encryption_keys")
+    if keys is not None:
+        if isinstance(keys, str | bytes) or not isinstance(keys, list | tuple) or not keys:
+            raise ValueError(
+                "CONFIG['symmetric_encryption_keys'] must be a non-empty list of keys "
+                "(the first encrypts, all decrypt)"
+            )
+        enc = []
+        for k in keys:
+            if isinstance(k, str):
+                k = k.encode()
+            if not isinstance(k, bytes) or not k:
+                raise ValueError(
+                    "CONFIG['symmetric_encryption_keys'] entries must be non-empty str or "
+                    f"bytes, got {k!r}"
+                )
+            enc.append(k)
+        try:
+            import cryptography  # noqa: F401
+        except ImportError:
+            raise ValueError(
+                "CONFIG['symmetric_encryption_keys'] needs the 'cryptography' package: "
+                "pip install 'hybrid-layer[crypto]'"
+            ) from None
+        out["encryption_keys"] = tuple(enc)
+    if "remote_capacity" in values:
+        out["remote_capacity"] = _number(
+            "remote_capacity", values["remote_capacity"], minimum=1, integer=True
+        )
+    if "heartbeat" in values:
+        hb = _number("heartbeat", values["heartbeat"], minimum=0, integer=True)
+        if hb > 3600:
+            raise ValueError(f"CONFIG['heartbeat'] must be at most 3600 seconds, got {hb}")
+        out["heartbeat"] = hb
+    if "connect_timeout" in values:
+        out["connect_timeout"] = float(
+            _number("connect_timeout", values["connect_timeout"], minimum=0.1)
+        )
+    for key in ("on_disconnect", "on_reconnect"):
+        v = values.get(key)
+        if v is not None:
+            if not isinstance(v, str) or not v or len(v) > 100:
+                raise ValueError(
+                    f"CONFIG[{key!r}] must be a message type (a non-empty str such as "
+                    f"'broker.{key[3:]}'), got {v!r}"
+                )
+            out[key] = v
+    return out

@@ -24,13 +24,20 @@ from .config import LayerConfig, parse_config
 from .envelope import decode_message, encode_message
 from .errors import ChannelFull, LayerClosed, MessageTooLarge
 from .names import parse
-from .participant import Participant
+from .participant import LINK_DOWN, Participant
+from .shm import layout as L
 from .shm.groupset import name_hash
 from .shm.layout import STATS_FIELDS
 from .shm.registry import FULL_RING, NO_CHANNEL, OK
-from .stats import ChannelStatistics, Statistics, split
+from .stats import ChannelStatistics, Statistics, broker_counts, split
 
 _monotonic = time.monotonic
+LINK_NAMES = {
+    L.LINK_NONE: "none",
+    L.LINK_DOWN: "down",
+    L.LINK_UP: "up",
+    L.LINK_CONNECTING: "connecting",
+}
 _layers: weakref.WeakSet[HybridChannelLayer] = weakref.WeakSet()
 
 #: how long ``send`` waits for a live but busy reader to make room in its inbox
@@ -40,7 +47,7 @@ FLUSH_WAIT = 2.0
 
 
 class HybridChannelLayer(BaseChannelLayer):  # type: ignore[misc]
-    """Channel layer over POSIX shared memory (one host; RabbitMQ across hosts later)."""
+    """Channel layer over POSIX shared memory on one host, RabbitMQ across hosts."""
 
     extensions: ClassVar[list[str]] = ["groups", "flush"]
 
@@ -104,6 +111,8 @@ class HybridChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         c = p.counters
         if r == OK:
             c.sent += 1
+        elif r == LINK_DOWN:
+            p.count_link_drop(channel)
         elif r == NO_CHANNEL:
             c.dropped_no_channel += 1
             limited.warning(
@@ -155,7 +164,9 @@ class HybridChannelLayer(BaseChannelLayer):  # type: ignore[misc]
     async def group_add(self, group: str, channel: str) -> None:
         self.require_valid_group_name(group)
         self.require_valid_channel_name(channel)
-        self._p().group_add(group, channel)
+        p = self._p()
+        if p.group_add(group, channel) and self.config.broker:
+            await p.wait_bound()  # so that a group_send from another host finds it
 
     async def group_discard(self, group: str, channel: str) -> None:
         self.require_valid_channel_name(channel)
@@ -228,7 +239,24 @@ class HybridChannelLayer(BaseChannelLayer):  # type: ignore[misc]
                 "normal_readers": len(p.readers),
                 "parked": sum(len(q) for q in p.parked.values()),
             },
+            broker=self._broker_info(p, p.counters.as_dict()),
         )
+
+    def _broker_info(self, p: Participant, counts: dict[str, int]) -> dict[str, Any]:
+        """The leader's link as this process sees it (plus details if it leads)."""
+        if not self.config.broker:
+            return {}
+        state, syncs, changes = p.ns.link_state()
+        info: dict[str, Any] = {
+            "link": LINK_NAMES.get(state, "none"),
+            "link_changes": changes,
+            "binding_syncs": syncs,
+            **broker_counts(counts),
+        }
+        link = p.link
+        if link is not None:
+            info.update(link.info())
+        return info
 
     def global_statistics(self) -> Statistics:
         """Counters summed over every live participant of the host (mirrored ~1/s)."""
@@ -261,6 +289,7 @@ class HybridChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             is_leader=p.ns.is_leader,
             pid=os.getpid(),
             slot=p.slot,
+            broker=self._broker_info(p, totals),
         )
 
     def channel_statistics(self, channel: str) -> ChannelStatistics:

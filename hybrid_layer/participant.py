@@ -42,7 +42,7 @@ from .envelope import decode_args, encode_args
 from .errors import LayerClosed
 from .routing import Action, GroupTable, Route, route
 from .shm import layout as L
-from .shm.groupset import name_hash
+from .shm.groupset import TAG_GROUP, TAG_NORMAL, name_hash
 from .shm.registry import FULL_CHANNEL, FULL_RING, NO_CHANNEL, OK, Namespace, SlotView
 from .shm.ring import RingCorrupt
 from .stats import Counters
@@ -53,6 +53,10 @@ TICK = 0.1  # host thread period: election attempts, housekeeping
 RECLAIM_EVERY = 0.25
 SWEEP_EVERY = 1.0
 _monotonic = time.monotonic
+#: ``send`` result for a cross-host message dropped because the broker link is down
+LINK_DOWN = 10
+#: how long ``group_add`` waits for the leader to bind a new group on the broker
+BIND_WAIT = 2.0
 
 
 class Item(NamedTuple):
@@ -97,6 +101,13 @@ class Participant:
         self.next_bucket = 0
         self.rr: dict[str, int] = {}
         self._capacity_cache: dict[str, int] = {}
+        # broker mode
+        self.link: Any = None  # amqp.link.Link while we lead and a broker is configured
+        self.normal_names: dict[int, str] = {}  # hash -> normal channel read on this host
+        self._interest: dict[int, tuple[int, set[int]]] = {}  # slot -> (changes, hashes)
+        self._interest_epoch = -1
+        self._link_up_seen = False  # for on_disconnect / on_reconnect
+        self._gap_told = False
         self.closed = False
         self.host = HostThread(self)
         self.host.start()
@@ -123,7 +134,11 @@ class Participant:
         if dest.route is Route.NORMAL:
             return self.send_normal(channel, msg, expires_at)
         addr = dest.address
-        if dest.route is Route.UNROUTABLE or addr is None or addr.bucket >= self.K:
+        if dest.route is Route.UNROUTABLE:
+            if addr is not None and self.cfg.broker:  # another host's process channel
+                return self.hand_off(L.KIND_OUT_DIRECT, channel, msg, expires_at, addr.host_id)
+            return NO_CHANNEL
+        if addr is None or addr.bucket >= self.K:
             return NO_CHANNEL
         sv = self.own if dest.route is Route.OWN else self.ns.slot(addr.slot)
         if sv is None:
@@ -142,7 +157,54 @@ class Participant:
     def normal_bucket(self, channel: str) -> int:
         return self.K + name_hash("n", channel) % self.K
 
+    def hand_off(
+        self, kind: int, name: str, msg: bytes | memoryview, expires_at: float, key: str | None
+    ) -> int:
+        """Broker mode: give a message for other hosts to the leader, which publishes it.
+
+        ``key`` names the destination for capacity (a host id, a normal channel): while
+        the broker rejects messages for it, this returns FULL_CHANNEL without a round
+        trip. With the link down the message is dropped and counted (LINK_DOWN).
+        """
+        for _ in range(2):
+            ld = self.ns.leader()
+            if ld.slot == self.slot and self.ns.is_leader:
+                link = self.link
+                if link is None:
+                    return LINK_DOWN
+                if key is not None and key in link.full:
+                    return FULL_CHANNEL
+                return OK if link.submit(kind, name, bytes(msg), expires_at, key) else LINK_DOWN
+            sv = self.ns.slot(ld.slot) if ld.slot >= 0 else None
+            if sv is not None:
+                state = self.ns.link_state()[0]
+                if state not in (L.LINK_UP, L.LINK_CONNECTING):
+                    return LINK_DOWN
+                if key is not None and sv.groups.maybe_contains(name_hash("f", key)):
+                    return FULL_CHANNEL
+                r = self.ns.write(sv, ld.gen, kind, name.encode(), expires_at, msg, -1, 0, True)
+                if r != NO_CHANNEL:
+                    return r
+            # no live leader right now (failover in progress): take the lease ourselves
+            if self.ns.try_lead():
+                self.host.on_leadership()
+        return LINK_DOWN
+
+    def count_link_drop(self, name: str) -> None:
+        self.counters.dropped_link_down += 1
+        limited.warning(
+            "link-down",
+            "hybrid_layer: message for %r (another host) dropped: the RabbitMQ link is down",
+            name,
+        )
+
     def send_normal(self, channel: str, msg: bytes | memoryview, expires_at: float) -> int:
+        if self.cfg.broker:
+            r = self.deliver_normal(channel, msg, expires_at)
+            if r != NO_CHANNEL:
+                return r
+            # no reader on this host: the channel's shared queue on the broker
+            return self.hand_off(L.KIND_OUT_NORMAL, channel, msg, expires_at, channel)
         h = name_hash("n", channel)
         bucket = self.K + h % self.K
         cap = self.capacity_for(channel)
@@ -197,10 +259,19 @@ class Participant:
         return NO_CHANNEL
 
     def group_send(self, group: str, msg: bytes, expires_at: float) -> None:
+        self.counters.group_sends += 1
+        self.deliver_group(group, msg, expires_at)
+        if self.cfg.broker:  # once to the exchange; every other host with members fans out
+            r = self.hand_off(L.KIND_OUT_GROUP, group, msg, expires_at, None)
+            if r == LINK_DOWN:
+                self.count_link_drop(group)
+
+    # ================================================================ broker: inbound
+    def deliver_group(self, group: str, msg: bytes | memoryview, expires_at: float) -> None:
+        """One copy per local process with members in ``group``."""
         h = name_hash("g", group)
         name_b = group.encode()
         c = self.counters
-        c.group_sends += 1
         for sv in self.ns.slots_with(h):
             r = self.ns.write(sv, 0, L.KIND_GROUP, name_b, expires_at, msg, -1, 0, True)
             if r == FULL_RING:
@@ -212,17 +283,168 @@ class Participant:
                     sv.index,
                 )
 
+    def deliver_direct(self, channel: str, msg: bytes | memoryview, expires_at: float) -> None:
+        """Leader: a message from another host for a process channel of this host."""
+        dest = route(channel, self.cfg.host_id, self.slot, self.gen)
+        r = NO_CHANNEL
+        if dest.route in (Route.OWN, Route.SLOT):
+            r = self.send(channel, msg, expires_at)
+        if r != OK:
+            self._count_forward_failure(r, channel)
+
+    def deliver_normal(self, channel: str, msg: bytes | memoryview, expires_at: float) -> int:
+        """To one reader of normal channel ``channel`` on this host (round robin)."""
+        h = name_hash("n", channel)
+        readers = self.ns.slots_with(h)
+        if not readers:
+            return NO_CHANNEL
+        bucket = self.K + h % self.K
+        cap = self.capacity_for(channel)
+        name_b = channel.encode()
+        start = self.rr.get(channel, 0)
+        self.rr[channel] = start + 1
+        n = len(readers)
+        result = NO_CHANNEL
+        for k in range(n):
+            sv = readers[(start + k) % n]
+            r = self.ns.write(sv, 0, L.KIND_NORMAL, name_b, expires_at, msg, bucket, cap, True)
+            if r == OK:
+                return OK
+            if r != NO_CHANNEL:
+                result = r
+        return result
+
+    # ================================================================ broker: leader
+    def interest(self) -> tuple[set[int], set[int]] | None:
+        """Leader: (group hashes, normal-channel hashes) with a member/reader on this
+        host, from every live slot's published set; ``None`` if a set was mid-rebuild."""
+        live = self.ns.live_slots()
+        cache = self._interest
+        for i in list(cache):
+            if i not in live:
+                del cache[i]
+        union: set[int] = set()
+        for i in live:
+            sv = self.ns.slot(i)
+            if sv is None:
+                continue
+            changes = sv.groups.changes
+            got = cache.get(i)
+            if got is None or got[0] != changes:
+                snap = sv.groups.snapshot()
+                if snap is None:
+                    return None
+                got = cache[i] = (changes, snap)
+            union |= got[1]
+        groups = {h for h in union if h & 3 == TAG_GROUP}
+        normals = {h for h in union if h & 3 == TAG_NORMAL}
+        return groups, normals
+
+    def interest_changed(self) -> bool:
+        """Leader: cheap check whether any slot's published set moved since ``interest``."""
+        if self.ns.reg_q[L.HQ_SLOTS_EPOCH] != self._interest_epoch:
+            self._interest_epoch = self.ns.reg_q[L.HQ_SLOTS_EPOCH]
+            return True
+        for i, (changes, _) in self._interest.items():
+            sv = self.ns.slot(i)
+            if sv is not None and sv.groups.changes != changes:
+                return True
+        return False
+
+    def normal_name(self, h: int) -> str | None:
+        return self.normal_names.get(h)
+
+    def start_link(self) -> None:
+        """Host thread, on becoming leader in broker mode."""
+        if self.link is not None or self.closed or not self.cfg.broker:
+            return
+        from .amqp.link import Link
+
+        assert self.host.loop is not None
+        for name in self.readers:
+            self.normal_names[name_hash("n", name)] = name
+        self.link = Link(self, self.host.loop)
+        # every process tells the new leader the names of the normal channels it reads
+        for i in self.ns.live_slots():
+            sv = self.ns.slot(i)
+            if i != self.slot and sv is not None:
+                self.control(sv, "readers?")
+
+    def watch_link(self) -> None:
+        """Every process: tell consumers that opted in about a gap in cross-host traffic."""
+        cfg = self.cfg
+        if not (cfg.on_disconnect or cfg.on_reconnect):
+            return
+        state = self.ns.link_state()[0]
+        if state == L.LINK_UP:
+            if self._gap_told and cfg.on_reconnect:
+                self._tell_group_members(cfg.on_reconnect)
+            self._gap_told = False
+            self._link_up_seen = True
+        elif self._link_up_seen and not self._gap_told and state != L.LINK_CONNECTING:
+            self._gap_told = True
+            if cfg.on_disconnect:
+                self._tell_group_members(cfg.on_disconnect)
+
+    def _tell_group_members(self, type_: str) -> None:
+        from .envelope import encode_message
+
+        with self.lock:
+            channels = {ch for members in self.groups.groups.values() for ch in members}
+        msg = encode_message({"type": type_, "host_id": self.cfg.host_id})
+        expires_at = _monotonic() + self.cfg.expiry
+        for channel in channels:
+            r = self.send(channel, msg, expires_at)
+            if r != OK:
+                self._count_forward_failure(r, channel)
+
     def control(self, sv: SlotView, verb: str, *args: Any) -> int:
         return self.ns.write(
             sv, 0, L.KIND_CONTROL, verb.encode(), _monotonic() + 60, encode_args(*args), -1, 0, True
         )
 
     # ================================================================ groups
-    def group_add(self, group: str, channel: str) -> None:
+    def group_add(self, group: str, channel: str) -> bool:
+        """True if this process joined ``group`` (its first member here)."""
         self.check_flush()
         with self.lock:
             if self.groups.add(group, channel, time.time()) is Action.JOIN:
                 self.own.groups.add(name_hash("g", group))
+                return True
+        return False
+
+    async def wait_bound(self) -> None:
+        """Broker mode, after joining a group: return once the leader has bound it on the
+        broker (a binding sync that started after our change completed), or the link is
+        not up (bindings are restored when it is)."""
+        deadline = _monotonic() + BIND_WAIT
+        epoch = self.ns.leader().epoch
+        if self.ns.link_state()[0] != L.LINK_UP:
+            return
+        target = self.ns.link_syncs_started() + 1
+        self.request_sync()
+        while _monotonic() < deadline:
+            await asyncio.sleep(0.0005)
+            state, syncs, _ = self.ns.link_state()
+            if state != L.LINK_UP:
+                return
+            if self.ns.leader().epoch != epoch:  # a new leader binds everything at once
+                epoch, target = self.ns.leader().epoch, 1
+            if syncs >= target:
+                return
+        limited.warning(
+            "bind-slow", "hybrid_layer: group binding not confirmed within %.1fs", BIND_WAIT
+        )
+
+    def request_sync(self) -> None:
+        if self.ns.is_leader:
+            if self.link is not None:
+                self.link.request_sync()
+            return
+        ld = self.ns.leader()
+        sv = self.ns.slot(ld.slot) if ld.slot >= 0 else None
+        if sv is not None:
+            self.control(sv, "sync")
 
     def group_discard(self, group: str, channel: str, *, local_only: bool = False) -> None:
         self.check_flush()
@@ -246,6 +468,9 @@ class Participant:
                 return
             self.readers.add(channel)
             self.own.groups.add(name_hash("n", channel))
+        if self.ns.is_leader and self.cfg.broker:
+            self._control("reader", [channel])
+            return
         ld = self.ns.leader()
         sv = self.ns.slot(ld.slot) if ld.slot >= 0 else None
         if sv is not None:  # ask the leader for what it parked; its tick retries anyway
@@ -433,6 +658,9 @@ class Participant:
         if kind == L.KIND_CONTROL:
             self._control(rec.name, decode_args(rec.message))
             return
+        if kind >= L.KIND_OUT_DIRECT:
+            self._outbound(rec)
+            return
         if pos < upto or rec.expires_at < now:
             bucket = self._record_bucket(kind, rec.name)
             if bucket >= 0:
@@ -458,7 +686,7 @@ class Participant:
                 if rec.name in self.readers and not parked:
                     self._put(rec.name, item, loop)
                     return
-                if self.ns.is_leader:
+                if self.ns.is_leader and not self.cfg.broker:
                     self._park(rec.name, item)
                     park = True
                 else:
@@ -471,6 +699,28 @@ class Participant:
             r = self.send_normal(rec.name, rec.message, rec.expires_at)
             if r != OK:
                 self._count_forward_failure(r, rec.name)
+
+    def _outbound(self, rec: Any) -> None:
+        """A message handed to us (as leader) for other hosts: publish it."""
+        name = rec.name
+        key: str | None = None
+        if rec.kind == L.KIND_OUT_DIRECT:
+            addr = names.parse(name)
+            key = addr.host_id if addr is not None else None
+        elif rec.kind == L.KIND_OUT_NORMAL:
+            key = name
+        link = self.link
+        if link is not None and self.ns.is_leader:
+            if link.submit(rec.kind, name, bytes(rec.message), rec.expires_at, key):
+                return
+            self.count_link_drop(name)
+            return
+        # leadership moved on since the sender looked: pass it to the current leader
+        r = self.hand_off(rec.kind, name, rec.message, rec.expires_at, None)
+        if r == LINK_DOWN:
+            self.count_link_drop(name)
+        elif r != OK:
+            self._count_forward_failure(r, name)
 
     def _park(self, channel: str, item: Item) -> None:
         """Leader, holding ``self.lock``: keep ``item`` until a reader can take it."""
@@ -535,7 +785,22 @@ class Participant:
 
     def _control(self, verb: str, args: list[Any]) -> None:
         if verb == "reader" and self.ns.is_leader and args:
-            self.forward_parked(str(args[0]))
+            if self.cfg.broker:
+                self.normal_names[name_hash("n", str(args[0]))] = str(args[0])
+                if self.link is not None:
+                    self.link.request_sync()
+            else:
+                self.forward_parked(str(args[0]))
+        elif verb == "sync" and self.link is not None:
+            self.link.request_sync()
+        elif verb == "readers?":
+            with self.lock:
+                readers = list(self.readers)
+            ld = self.ns.leader()
+            sv = self.ns.slot(ld.slot) if ld.slot >= 0 else None
+            if sv is not None:
+                for channel in readers:
+                    self.control(sv, "reader", channel)
         elif verb == "discard" and len(args) == 2:
             self.group_discard(str(args[0]), str(args[1]), local_only=True)
 
@@ -641,6 +906,8 @@ class Participant:
                         del store[channel]
             self.groups.clear()
             self.own.groups.clear()
+            if self.link is not None:
+                self.link.request_flush()
             for channel in self.readers:  # readers are live receivers: keep them
                 self.own.groups.add(name_hash("n", channel))
 
@@ -674,6 +941,13 @@ class Participant:
     def close(self) -> None:
         if self.closed:
             return
+        link, self.link = self.link, None
+        if link is not None and self.host.loop is not None:
+            # publish what is still queued for other hosts, then close the connection
+            try:
+                asyncio.run_coroutine_threadsafe(link.aclose(), self.host.loop).result(5)
+            except Exception:
+                log.exception("hybrid_layer: closing the RabbitMQ link failed")
         self.closed = True
         self.host.stop()
         if self.ns.is_leader and self.parked:
@@ -766,6 +1040,13 @@ class HostThread(threading.Thread):
     def on_leadership(self) -> None:
         log.info("hybrid_layer: pid %d leads host %s", os.getpid(), self.p.cfg.host_id)
         self._next_reclaim = 0.0
+        loop = self.loop
+        if self.p.cfg.broker and loop is not None:
+            if threading.current_thread() is self:
+                self.p.start_link()
+            else:
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(self.p.start_link)
 
     def _tick(self) -> None:
         p = self.p
@@ -781,6 +1062,13 @@ class HostThread(threading.Thread):
                 if p.parked:
                     p.forward_parked()
                     p.unpark_idle()
+            link = p.link
+            if link is not None:
+                link.expire_full_flags()
+                if p.interest_changed():
+                    link.request_sync()
+            if p.cfg.broker:
+                p.watch_link()
             if now >= self._next_sweep:
                 self._next_sweep = now + SWEEP_EVERY
                 p.drain(None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from .shm.layout import STATS_FIELDS
 
@@ -50,6 +51,10 @@ class Statistics:
     pid: int
     slot: int
     extra: dict[str, int] = field(default_factory=dict)
+    #: broker mode: ``link`` ("up", "down", "connecting", "none"), ``link_changes``,
+    #: ``binding_syncs``; in the leader also url, queue, bindings, normal_consumers,
+    #: outbound, in_flight. Empty on a single host.
+    broker: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -64,3 +69,8 @@ def split(values: dict[str, int]) -> tuple[dict[str, int], dict[str, int]]:
     raised = {"full": values["raised_full"], "too_large": values["raised_too_large"]}
     dropped = {k[len("dropped_") :]: v for k, v in values.items() if k.startswith("dropped_")}
     return raised, dropped
+
+
+def broker_counts(values: dict[str, int]) -> dict[str, int]:
+    """published, confirmed, returned, received, reconnects (the leader's link)."""
+    return {k[len("broker_") :]: v for k, v in values.items() if k.startswith("broker_")}

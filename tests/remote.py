@@ -101,8 +101,7 @@ async def _main(conn: Any, config: dict[str, Any]) -> None:
             return layer.global_statistics()
         if cmd == "internals":  # slot, gen, pid
             p = layer._p()
-            return {"slot": p.slot, "gen": p.gen, "pid": os.getpid(),
-                    "is_leader": p.ns.is_leader}
+            return {"slot": p.slot, "gen": p.gen, "pid": os.getpid(), "is_leader": p.ns.is_leader}
         if cmd == "hold_ring_lock":  # slot index: take its ring lock and never let go
             from hybrid_layer.shm.layout import RING_LOCK_BASE
 

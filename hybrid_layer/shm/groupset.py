@@ -17,19 +17,30 @@ from __future__ import annotations
 import hashlib
 from functools import lru_cache
 
-from .layout import I_GROUP_USED, Q_GROUP_SEQ
+from .layout import I_GROUP_USED, Q_GROUP_CHANGES, Q_GROUP_SEQ
 
 EMPTY = 0
 TOMBSTONE = 1
 
 
+#: the low two bits of a hash say what it stands for, so that the leader can read the
+#: union of every slot's set and tell groups (to bind) from normal channels (to consume)
+TAG_GROUP = 0
+TAG_NORMAL = 1
+TAG_PARKED = 2
+TAG_OTHER = 3
+_TAGS = {"g": TAG_GROUP, "n": TAG_NORMAL, "p": TAG_PARKED}
+
+
 @lru_cache(maxsize=65536)
 def name_hash(kind: str, name: str) -> int:
-    """Stable across processes (unlike ``hash()``); never EMPTY or TOMBSTONE."""
+    """Stable across processes (unlike ``hash()``); never EMPTY or TOMBSTONE; its low two
+    bits are the tag of ``kind`` ("g" group, "n" normal channel, "p" parked, else other)."""
     h = int.from_bytes(
         hashlib.blake2b(f"{kind}\x00{name}".encode(), digest_size=8).digest(), "little"
     )
-    return h if h > TOMBSTONE else h + 2
+    h = (h & ~3) | _TAGS.get(kind, TAG_OTHER)
+    return h if h > TOMBSTONE else h + 4
 
 
 class GroupSet:
@@ -65,9 +76,27 @@ class GroupSet:
             return True
         return found
 
+    @property
+    def changes(self) -> int:
+        """Bumped by the owner on every change: a reader re-reads the set when it moves."""
+        return self.cq[Q_GROUP_CHANGES]
+
+    def snapshot(self) -> set[int] | None:
+        """Every live entry, or ``None`` if the owner rebuilt the set meanwhile (retry)."""
+        cq = self.cq
+        seq = cq[Q_GROUP_SEQ]
+        if seq & 1:
+            return None
+        out = set(self.table)
+        if cq[Q_GROUP_SEQ] != seq:
+            return None
+        out.discard(EMPTY)
+        out.discard(TOMBSTONE)
+        return out
+
     def _find(self, h: int) -> int:
         table, mask = self.table, self.mask
-        i = h & mask
+        i = (h >> 2) & mask  # the low two bits are the tag
         for _ in range(self.slots):
             v = table[i]
             if v == h:
@@ -89,22 +118,28 @@ class GroupSet:
             self._rebuild(extra=h)
             return
         table, mask = self.table, self.mask
-        i = h & mask
+        i = (h >> 2) & mask  # the low two bits are the tag
         while True:
             v = table[i]
             if v == EMPTY:
                 self.ci[I_GROUP_USED] = self.used + 1
                 table[i] = h
+                self._changed()
                 return
             if v == TOMBSTONE:  # reuse; ``used`` already counts it
                 table[i] = h
+                self._changed()
                 return
             i = (i + 1) & mask
+
+    def _changed(self) -> None:
+        self.cq[Q_GROUP_CHANGES] = self.cq[Q_GROUP_CHANGES] + 1
 
     def discard(self, h: int) -> None:
         i = self._find(h)
         if i >= 0:
             self.table[i] = TOMBSTONE
+            self._changed()
 
     def live(self) -> list[int]:
         return [v for v in self.table if v > TOMBSTONE]
@@ -114,6 +149,7 @@ class GroupSet:
         self._zero()
         self.ci[I_GROUP_USED] = 0
         self._bump()
+        self._changed()
 
     def _zero(self) -> None:
         with self.table.cast("B") as raw:
@@ -135,9 +171,10 @@ class GroupSet:
         mask = self.mask
         table = self.table
         for h in keep:
-            i = h & mask
+            i = (h >> 2) & mask  # the low two bits are the tag
             while table[i] != EMPTY:
                 i = (i + 1) & mask
             table[i] = h
         self.ci[I_GROUP_USED] = len(keep)
         self._bump()
+        self._changed()

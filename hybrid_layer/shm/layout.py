@@ -24,7 +24,7 @@ import struct
 from dataclasses import dataclass
 
 MAGIC = 0x48594252_4C415931  # "HYBRLAY1"
-VERSION = 1
+VERSION = 2  # 2: broker mode (outbound kinds, link words, tagged hashes)
 
 INIT_LOCK = 0
 LEADER_LOCK = 1
@@ -68,8 +68,28 @@ STATS_FIELDS = (
     "dropped_corrupt",
     "dropped_dead_reader",
     "dropped_flushed",
+    # broker mode (the leader's link; zero on a single host)
+    "dropped_link_down",
+    "dropped_remote_full",
+    "dropped_malformed",
+    "broker_published",
+    "broker_confirmed",
+    "broker_returned",
+    "broker_received",
+    "broker_reconnects",
 )
 REG_STATS = struct.Struct("@" + "Q" * len(STATS_FIELDS))
+# the leader's link words, in its own registry slot record (u64 each, typed-view access):
+REG_LINK_OFFSET = 448
+LQ_STATE = 0  # LINK_* below
+LQ_SYNCS = 1  # binding syncs completed
+LQ_SYNCS_STARTED = 3  # binding syncs started (a group_add waits for one started after it)
+LQ_CHANGES = 2  # link state changes (participants notice drops and recoveries)
+LINK_NONE = 0  # single host, or no leader link yet
+LINK_DOWN = 1
+LINK_UP = 2
+LINK_CONNECTING = 3  # a new leader's first attempt: hand-offs are buffered, not dropped
+assert REG_STATS_OFFSET + REG_STATS.size <= REG_LINK_OFFSET
 
 SLOT_FREE = 0
 SLOT_LIVE = 1
@@ -85,6 +105,7 @@ CTRL_FLUSH_UPTO = 144  # u64, flush(): records before this ring position are dis
 CTRL_FLUSH_ACK = 152  # u64, owner: the last flush epoch it has applied
 CTRL_GROUP_SEQ = 192  # u64 seqlock of the group set, owner-written
 CTRL_GROUP_USED = 200  # u32 entries in use (live + tombstones), owner-written
+CTRL_GROUP_CHANGES = 208  # u64, owner: bumped on every change of the group set
 # Words that one process reads while another writes them are accessed ONLY through
 # typed memoryviews (``buf.cast("Q")[i]``), which load and store with one memcpy - a
 # single aligned instruction. ``struct.pack_into`` must never be used on them: it first
@@ -101,6 +122,7 @@ Q_FLUSH_UPTO = CTRL_FLUSH_UPTO // 8
 Q_FLUSH_ACK = CTRL_FLUSH_ACK // 8
 Q_GROUP_SEQ = CTRL_GROUP_SEQ // 8
 I_GROUP_USED = CTRL_GROUP_USED // 4
+Q_GROUP_CHANGES = CTRL_GROUP_CHANGES // 8
 
 # capacity buckets: per bucket two u32 counters, ``enq`` (writers, under the ring lock)
 # and ``deq`` (owner only). pending = (enq - deq) mod 2**32.
@@ -114,7 +136,11 @@ KIND_DIRECT = 1  # to a process channel of the owner
 KIND_GROUP = 2  # a group message: the owner fans it out to its local members
 KIND_NORMAL = 3  # to a normal (multi-reader) channel
 KIND_CONTROL = 4  # control verb in the name field, msgpack arguments in the body
-KINDS = frozenset({KIND_DIRECT, KIND_GROUP, KIND_NORMAL, KIND_CONTROL})
+# broker mode: handed to the leader, which publishes them (name = destination)
+KIND_OUT_DIRECT = 5  # to a process channel of another host
+KIND_OUT_GROUP = 6  # a group message for the other hosts
+KIND_OUT_NORMAL = 7  # to a normal channel with no reader on this host
+KINDS = frozenset(range(KIND_DIRECT, KIND_OUT_NORMAL + 1))
 ALIGN = 16  # = record header size: a header never straddles the end
 
 

@@ -122,6 +122,7 @@ class Namespace:
         self.reg_q: memoryview = memoryview(b"")
         self.reg_s: memoryview = memoryview(b"")
         self.reg_i: memoryview = memoryview(b"")
+        self.reg_all_q: memoryview = memoryview(b"")
         self.me = -1
         self.gen = 0
         self.own: SlotView | None = None
@@ -229,6 +230,7 @@ class Namespace:
         self.reg_q = reg.cast(self.reg_hdr, "Q")
         self.reg_s = reg.cast(self.reg_hdr, "i")
         self.reg_i = reg.cast(reg.buf, "I")  # whole registry: header and slot records
+        self.reg_all_q = reg.cast(reg.buf, "Q")
 
     def _slot_segment(self, i: int, *, create: bool) -> SlotView | None:
         with self.slots_lock:
@@ -547,6 +549,35 @@ class Namespace:
                 out.append(i)
         return out
 
+    # ------------------------------------------------------------------ broker link words
+    def _link_base(self, i: int) -> int:
+        return (L.reg_slot_offset(i) + L.REG_LINK_OFFSET) // 8
+
+    def link_set(self, word: int, value: int) -> None:
+        """Leader: publish one of its link words (``L.LQ_*``)."""
+        if self.reg is not None and self.me >= 0:
+            self.reg_all_q[self._link_base(self.me) + word] = value
+
+    def link_get(self, word: int) -> int:
+        if self.reg is None or self.me < 0:
+            return 0
+        return self.reg_all_q[self._link_base(self.me) + word]
+
+    def link_state(self) -> tuple[int, int, int]:
+        """The leader's (state, syncs, changes); LINK_NONE without a live leader."""
+        ld = self.leader()
+        if ld.slot < 0 or self.reg is None:
+            return L.LINK_NONE, 0, 0
+        base = self._link_base(ld.slot)
+        q = self.reg_all_q
+        return q[base + L.LQ_STATE], q[base + L.LQ_SYNCS], q[base + L.LQ_CHANGES]
+
+    def link_syncs_started(self) -> int:
+        ld = self.leader()
+        if ld.slot < 0 or self.reg is None:
+            return 0
+        return self.reg_all_q[self._link_base(ld.slot) + L.LQ_SYNCS_STARTED]
+
     # ------------------------------------------------------------------ stats mirror
     def publish_stats(self, values: tuple[int, ...]) -> None:
         if self.reg is not None and self.me >= 0:
@@ -612,6 +643,7 @@ class Namespace:
             self.reg.close()
             self.reg = None
         self.reg_hdr = self.reg_q = self.reg_s = self.reg_i = memoryview(b"")
+        self.reg_all_q = memoryview(b"")
 
     def abandon(self) -> None:
         """After fork(): drop the parent's objects without touching shared state."""

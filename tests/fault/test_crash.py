@@ -109,9 +109,7 @@ def test_dead_participant_memberships_released_and_slot_reused_safely(remotes: A
         c.call("receive", old_ch, 0.3)
 
 
-def test_stale_set_left_by_a_crash_is_detected_and_reused(
-    remotes: Any, ns_prefix: str
-) -> None:
+def test_stale_set_left_by_a_crash_is_detected_and_reused(remotes: Any, ns_prefix: str) -> None:
     (a,) = remotes(1)
     ch = a.call("new_channel")
     a.call("send", ch, {"type": "lost"})
@@ -198,6 +196,8 @@ FORK_SCRIPT = textwrap.dedent(
 def test_layer_created_and_used_before_fork_works_in_every_child(ns_prefix: str) -> None:
     res = subprocess.run(
         [sys.executable, "-c", FORK_SCRIPT, ns_prefix],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert res.returncode == 0, res.stderr

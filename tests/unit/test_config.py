@@ -111,21 +111,84 @@ class TestKeys:
         assert "bar" in str(info.value)
 
     @pytest.mark.parametrize("key", sorted(BROKER_KEYS))
-    def test_broker_keys_rejected(self, key: str) -> None:
+    def test_broker_keys_need_a_host(self, key: str) -> None:
         with pytest.raises(ValueError) as info:
             parse_config({key: "amqp://guest:guest@localhost/"})
         text = str(info.value)
         assert key in text
-        assert "broker mode" in text
-        assert "not implement" in text
+        assert "CONFIG['host']" in text
 
-    def test_broker_key_wins_over_unknown(self) -> None:
-        with pytest.raises(ValueError, match="broker mode"):
+    def test_unknown_key_with_a_host(self) -> None:
+        with pytest.raises(ValueError, match="nonsense"):
             parse_config(host="amqp://x", nonsense=1)
 
-    def test_broker_keys_are_the_expected_ones(self) -> None:
-        assert {"host", "ssl_context"} <= BROKER_KEYS
-        assert not BROKER_KEYS & set(_FIELDS)
+    def test_broker_keys_are_not_fields(self) -> None:
+        assert "ssl_context" in BROKER_KEYS
+        assert "host" not in _FIELDS  # stored as broker_urls
+
+    def test_no_host_is_single_host(self) -> None:
+        c = parse_config({})
+        assert not c.broker and c.broker_urls == ()
+
+    def test_host_url_and_defaults(self) -> None:
+        c = parse_config(host="amqp://guest:guest@127.0.0.1:5672/")
+        assert c.broker
+        assert c.broker_urls == ("amqp://guest:guest@127.0.0.1:5672/",)
+        assert c.groups_exchange == "groups"
+        assert c.encryption_keys == ()
+        assert c.on_disconnect is None and c.on_reconnect is None
+
+    def test_host_list_is_a_cluster(self) -> None:
+        urls = ["amqp://a:5672/", "amqps://b:5671/v"]
+        assert parse_config(host=urls).broker_urls == tuple(urls)
+
+    @pytest.mark.parametrize(
+        "bad", ["", "http://x", "amqp://", "localhost:5672", [], ["amqp://x", 5], 42]
+    )
+    def test_bad_host(self, bad: Any) -> None:
+        with pytest.raises(ValueError, match="CONFIG\\['host'\\]"):
+            parse_config(host=bad)
+
+    def test_ssl_context(self) -> None:
+        import ssl
+
+        ctx = ssl.create_default_context()
+        assert parse_config(host="amqps://x/", ssl_context=ctx).ssl_context is ctx
+        with pytest.raises(ValueError, match=r"ssl\.SSLContext"):
+            parse_config(host="amqps://x/", ssl_context="yes")
+
+    @pytest.mark.parametrize("bad", ["", "a b", "x" * 128, 5])
+    def test_bad_groups_exchange(self, bad: Any) -> None:
+        with pytest.raises(ValueError, match="groups_exchange"):
+            parse_config(host="amqp://x/", groups_exchange=bad)
+
+    def test_encryption_keys(self) -> None:
+        c = parse_config(host="amqp://x/", symmetric_encryption_keys=["new", b"old"])
+        assert c.encryption_keys == (b"new", b"old")
+
+    @pytest.mark.parametrize("bad", ["one-key", [], [""], [3], None.__class__])
+    def test_bad_encryption_keys(self, bad: Any) -> None:
+        with pytest.raises(ValueError, match="symmetric_encryption_keys"):
+            parse_config(host="amqp://x/", symmetric_encryption_keys=bad)
+
+    @pytest.mark.parametrize(
+        ("key", "bad"),
+        [
+            ("remote_capacity", 0),
+            ("heartbeat", -1),
+            ("heartbeat", 4000),
+            ("connect_timeout", 0),
+            ("on_disconnect", ""),
+            ("on_reconnect", 5),
+        ],
+    )
+    def test_bad_broker_numbers_and_types(self, key: str, bad: Any) -> None:
+        with pytest.raises(ValueError, match=key):
+            parse_config(host="amqp://x/", **{key: bad})
+
+    def test_link_event_types(self) -> None:
+        c = parse_config(host="amqp://x/", on_disconnect="link.down", on_reconnect="link.up")
+        assert (c.on_disconnect, c.on_reconnect) == ("link.down", "link.up")
 
     def test_kwargs_override_dict(self) -> None:
         """channels passes CONFIG as keyword arguments; both forms combine."""

@@ -14,7 +14,16 @@ from hypothesis.stateful import (
 )
 
 from hybrid_layer.shm import layout as L
-from hybrid_layer.shm.groupset import EMPTY, TOMBSTONE, GroupSet, name_hash
+from hybrid_layer.shm.groupset import (
+    EMPTY,
+    TAG_GROUP,
+    TAG_NORMAL,
+    TAG_OTHER,
+    TAG_PARKED,
+    TOMBSTONE,
+    GroupSet,
+    name_hash,
+)
 
 CTRL_BYTES = 256
 
@@ -30,8 +39,8 @@ def seq(ctrl: bytearray) -> int:
 
 
 def colliding(slots: int, n: int, low: int = 3) -> list[int]:
-    """``n`` distinct hashes that all start probing at index ``low``."""
-    return [low + slots * (k + 1) for k in range(n)]
+    """``n`` distinct hashes that all start probing at index ``low`` (bits 2 and up)."""
+    return [((low + slots * (k + 1)) << 2) | 2 for k in range(n)]
 
 
 # ====================================================================== name_hash
@@ -52,7 +61,17 @@ class TestNameHash:
         import hashlib
 
         expected = int.from_bytes(hashlib.blake2b(b"g\x00room-1", digest_size=8).digest(), "little")
-        assert name_hash("g", "room-1") == (expected if expected > 1 else expected + 2)
+        expected &= ~3  # tag 0: a group
+        assert name_hash("g", "room-1") == (expected if expected > 1 else expected + 4)
+
+    @settings(max_examples=60, deadline=None)
+    @given(name=st.text(max_size=100))
+    def test_tags(self, name: str) -> None:
+        """The leader tells groups from normal channels by the low two bits alone."""
+        assert name_hash("g", name) & 3 == TAG_GROUP
+        assert name_hash("n", name) & 3 == TAG_NORMAL
+        assert name_hash("p", name) & 3 == TAG_PARKED
+        assert name_hash("f", name) & 3 == TAG_OTHER
 
     @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(kind=st.sampled_from(["g", "n"]), name=st.text(max_size=100))
@@ -138,6 +157,17 @@ class TestBasics:
             assert not gs.maybe_contains(h)
         gs.add(hs[3])
         assert gs.live() == [hs[3]]
+
+    def test_snapshot_is_none_while_a_rebuild_is_in_progress(self) -> None:
+        gs, _, _ = make_set(16)
+        gs.add(2 + 4 * 5)
+        before = gs.changes
+        gs.add(2 + 4 * 6)
+        assert gs.changes == before + 1
+        gs._bump()  # the owner is mid-rebuild
+        assert gs.snapshot() is None
+        gs._bump()
+        assert gs.snapshot() == {2 + 4 * 5, 2 + 4 * 6}
 
     def test_reader_answers_maybe_while_a_rebuild_is_in_progress(self) -> None:
         gs, ctrl, _ = make_set(16)
@@ -260,7 +290,10 @@ class GroupSetVsSet(RuleBasedStateMachine):
 
     @rule(h=hashes)
     def discard(self, h: int) -> None:
+        before = self.reader.changes
         self.gs.discard(h)
+        # a reader that caches a snapshot re-reads when ``changes`` moves
+        assert (self.reader.changes != before) == (h in self.model)
         self.model.discard(h)
 
     @rule(h=hashes)
@@ -286,6 +319,7 @@ class GroupSetVsSet(RuleBasedStateMachine):
             assert gs.maybe_contains(h)
             assert self.reader.maybe_contains(h)
         assert seq(self.ctrl) % 2 == 0
+        assert self.reader.snapshot() == self.model  # quiescent: exact
         assert len(self.model) <= gs.used <= gs.slots // 2  # always an empty slot left
 
     def teardown(self) -> None:

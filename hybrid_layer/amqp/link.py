@@ -1,0 +1,548 @@
+"""The leader's link to RabbitMQ: one connection per host, on the leader's host thread.
+
+What it does, all on the host thread's event loop:
+
+* connects (URLs tried in turn, backoff with jitter, for ever), declares the groups
+  exchange and the host's exclusive queue ``<prefix>.<host_id>`` and consumes it;
+* keeps the queue's bindings equal to the groups that have a member on this host, and a
+  consumer on the shared queue of every normal channel read on this host (both read
+  from the tagged hashes every participant publishes in shared memory);
+* publishes what participants hand it (``submit``, any thread) with pipelined
+  publisher confirms: a ``nack`` (the destination's ``x-max-length`` reached) marks the
+  destination full for a moment, so that participants' ``send`` raises ``ChannelFull``;
+* delivers what arrives into participants' inboxes.
+
+Link state and the count of completed binding syncs are published in the leader's
+registry record (``LQ_*`` words), where participants read them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import threading
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import aiormq
+from aiormq.abc import DeliveredMessage
+from pamqp import commands as spec
+
+from .._log import limited
+from ..shm import layout as L
+from ..shm.groupset import name_hash
+from ..shm.registry import FULL_CHANNEL, FULL_RING, OK
+from . import wire
+
+if TYPE_CHECKING:
+    from ..participant import Participant
+
+log = logging.getLogger("hybrid_layer")
+
+MAX_IN_FLIGHT = 4096  # publishes awaiting a confirm
+MAX_OUTBOUND = 20_000  # handed over, not yet published (bounded while connecting)
+FULL_HOLD = 0.2  # seconds a destination stays "full" after a nack
+BACKOFF_MIN = 0.1
+BACKOFF_MAX = 10.0
+PREFETCH = 256  # unacknowledged deliveries from normal-channel queues
+DECLARE_AGAIN = 60.0  # re-declare a normal queue we publish to (keeps x-expires away)
+
+KIND_TO_WIRE = {
+    L.KIND_OUT_DIRECT: wire.DIRECT,
+    L.KIND_OUT_GROUP: wire.GROUP,
+    L.KIND_OUT_NORMAL: wire.NORMAL,
+}
+
+
+def host_queue(prefix: str, host_id: str) -> str:
+    return f"{prefix}.{host_id}"
+
+
+def group_key(prefix: str, group_hash: int) -> str:
+    return f"{prefix}.g.{group_hash:016x}"
+
+
+def normal_queue(prefix: str, channel_hash: int) -> str:
+    return f"{prefix}.n.{channel_hash:016x}"
+
+
+def _with_heartbeat(url: str, heartbeat: int) -> str:
+    if "heartbeat=" in url:
+        return url
+    return f"{url}{'&' if '?' in url else '?'}heartbeat={heartbeat}"
+
+
+class Link:
+    """The host's one AMQP connection, owned by the leader. Create on the host loop."""
+
+    def __init__(self, p: Participant, loop: asyncio.AbstractEventLoop) -> None:
+        self.p = p
+        cfg = self.cfg = p.cfg
+        self.loop = loop
+        self.crypter = wire.Crypter(cfg.encryption_keys) if cfg.encryption_keys else None
+        self.queue = host_queue(cfg.prefix, cfg.host_id)
+        self.out: deque[tuple[int, str, bytes, float, str | None]] = deque()
+        self._kicked = False
+        self._wake = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._sync_wanted = asyncio.Event()
+        self._flush_wanted = False
+        self.in_flight = 0
+        self.state = L.LINK_NONE
+        self.ever_up = False
+        self.url_index = 0
+        self.url = ""
+        self.conn: Any = None
+        self.ch: Any = None  # publishing, host queue, bindings
+        self.nch: Any = None  # normal-channel queues (prefetch, acks)
+        self.bound: set[int] = set()
+        self.consuming: dict[int, str] = {}  # normal hash -> consumer tag
+        self.declared: dict[int, float] = {}  # normal hash -> when we declared it
+        self.full: dict[str, float] = {}  # destination key -> flagged at (monotonic)
+        self.syncs = 0
+        self.closing = False
+        self.thread_id = threading.get_ident()
+        self._set_state(L.LINK_CONNECTING)
+        self.task = loop.create_task(self._run())
+
+    # ================================================================ any thread
+    def submit(
+        self, kind: int, name: str, payload: bytes, expires_at: float, key: str | None
+    ) -> bool:
+        """Queue one outbound message; False (caller counts a drop) if it cannot be."""
+        if self.closing or self.state == L.LINK_DOWN or len(self.out) >= MAX_OUTBOUND:
+            return False
+        self.out.append((kind, name, payload, expires_at, key))
+        if not self._kicked:
+            self._kicked = True
+            if threading.get_ident() == self.thread_id:
+                self._wake.set()
+            else:
+                with contextlib.suppress(RuntimeError):
+                    self.loop.call_soon_threadsafe(self._wake.set)
+        return True
+
+    def request_sync(self) -> None:
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self._sync_wanted.set)
+
+    def request_flush(self) -> None:
+        self._flush_wanted = True
+        self.request_sync()
+
+    # ================================================================ loop thread
+    def _set_state(self, state: int) -> None:
+        self.state = state
+        ns = self.p.ns
+        ns.link_set(L.LQ_STATE, state)
+        ns.link_set(L.LQ_CHANGES, ns.link_get(L.LQ_CHANGES) + 1)
+
+    def _bump_syncs(self) -> None:
+        self.syncs += 1
+        self.p.ns.link_set(L.LQ_SYNCS, self.syncs)
+
+    async def _run(self) -> None:
+        failures = 0
+        while not self.closing:
+            urls = self.cfg.broker_urls
+            url = urls[self.url_index % len(urls)]
+            try:
+                await asyncio.wait_for(self._connect(url), self.cfg.connect_timeout)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                await self._drop_connection()
+                failures += 1
+                self.url_index += 1
+                if self.state != L.LINK_DOWN:
+                    self._set_state(L.LINK_DOWN)
+                    self._drop_outbound("broker unreachable")
+                delay = min(BACKOFF_MAX, BACKOFF_MIN * 2 ** min(failures, 10))
+                delay *= random.uniform(0.5, 1.5)
+                limited.warning(
+                    "link-connect",
+                    "hybrid_layer: cannot reach RabbitMQ at %s (%s: %s); retrying in %.1fs",
+                    _safe(url),
+                    type(exc).__name__,
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                continue
+            if self.ever_up:
+                self.p.counters.broker_reconnects += 1
+                log.warning("hybrid_layer: RabbitMQ link restored (%s)", _safe(url))
+            else:
+                log.info("hybrid_layer: leader connected to RabbitMQ at %s", _safe(url))
+            failures = 0
+            self.ever_up = True
+            self._set_state(L.LINK_UP)
+            try:
+                await self._serve()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                limited.warning(
+                    "link-lost",
+                    "hybrid_layer: RabbitMQ link lost (%s: %s); reconnecting",
+                    type(exc).__name__,
+                    exc,
+                )
+            await self._drop_connection()
+            if not self.closing:
+                self._set_state(L.LINK_DOWN)
+                self._drop_outbound("link down")
+                await asyncio.sleep(BACKOFF_MIN * random.uniform(0.5, 1.5))
+
+    async def _connect(self, url: str) -> None:
+        cfg = self.cfg
+        self.url = url
+        kwargs: dict[str, Any] = {
+            "client_properties": {
+                "connection_name": f"hybrid_layer {cfg.namespace} pid {os.getpid()}",
+            }
+        }
+        if cfg.ssl_context is not None:
+            kwargs["context"] = cfg.ssl_context
+        conn = self.conn = await aiormq.connect(_with_heartbeat(url, cfg.heartbeat), **kwargs)
+        ch = self.ch = await conn.channel(publisher_confirms=True)
+        await ch.exchange_declare(cfg.groups_exchange, exchange_type="direct")
+        args: dict[str, Any] = {
+            "x-max-length": cfg.remote_capacity,
+            "x-overflow": "reject-publish",
+            "x-message-ttl": int(cfg.expiry * 1000),
+        }
+        for attempt in range(20):
+            try:
+                await ch.queue_declare(self.queue, exclusive=True, auto_delete=True, arguments=args)
+                break
+            except aiormq.exceptions.ChannelLockedResource:
+                # the previous leader's connection is still closing (or, if this never
+                # clears, another host runs with the same host_id)
+                if attempt == 19:
+                    raise
+                log.warning(
+                    "hybrid_layer: queue %s is still held by another connection "
+                    "(previous leader closing, or another host with host_id %r?)",
+                    self.queue,
+                    cfg.host_id,
+                )
+                ch = self.ch = await conn.channel(publisher_confirms=True)
+                await asyncio.sleep(0.1)
+        await ch.basic_consume(self.queue, self._on_host_message, no_ack=True)
+        nch = self.nch = await conn.channel(publisher_confirms=False)
+        await nch.basic_qos(prefetch_count=PREFETCH)
+        self.bound = set()
+        self.consuming = {}
+        self.declared = {}
+        self._room.set()
+
+    async def _drop_connection(self) -> None:
+        conn, self.conn, self.ch, self.nch = self.conn, None, None, None
+        self.bound = set()
+        self.consuming = {}
+        self.declared = {}
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.close(), 1.0)
+
+    def _drop_outbound(self, why: str) -> None:
+        n = len(self.out)
+        self.out.clear()
+        if n:
+            self.p.counters.dropped_link_down += n
+            limited.warning("link-drop", "hybrid_layer: %d outbound messages dropped: %s", n, why)
+
+    async def _serve(self) -> None:
+        """Publish, sync bindings and flush until the connection closes."""
+        conn = self.conn
+        assert conn is not None
+        self._sync_wanted.set()  # a new connection has no bindings yet
+        self._wake.set()
+        tasks = [
+            asyncio.ensure_future(self._publisher()),
+            asyncio.ensure_future(self._syncer()),
+        ]
+        try:
+            done, _ = await asyncio.wait(
+                [*tasks, conn.closing], return_when=asyncio.FIRST_COMPLETED
+            )
+            for t in done:
+                if t is not conn.closing and t.exception() is not None:
+                    raise t.exception()  # type: ignore[misc]
+            if conn.closing.done() and not self.closing:
+                exc = conn.closing.exception() if not conn.closing.cancelled() else None
+                raise ConnectionError(f"connection closed: {exc}")
+        finally:
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(BaseException):
+                    await t
+
+    # ---------------------------------------------------------------- publishing
+    async def _publisher(self) -> None:
+        out = self.out
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            self._kicked = False
+            while out:
+                if self.in_flight >= MAX_IN_FLIGHT:
+                    self._room.clear()
+                    await self._room.wait()
+                kind, name, payload, expires_at, key = out.popleft()
+                await self._publish(kind, name, payload, expires_at, key)
+
+    async def _publish(
+        self, kind: int, name: str, payload: bytes, expires_at: float, key: str | None
+    ) -> None:
+        ch = self.ch
+        cfg = self.cfg
+        remaining = expires_at - time.monotonic()
+        if remaining <= 0:
+            self.p.counters.dropped_expired += 1
+            return
+        wkind = KIND_TO_WIRE[kind]
+        body = wire.encode(wkind, cfg.host_id, name, time.time() + remaining, payload, self.crypter)
+        props = spec.Basic.Properties(
+            delivery_mode=1, expiration=str(max(1, int(remaining * 1000)))
+        )
+        if wkind == wire.DIRECT:
+            exchange, rk, mandatory = "", host_queue(cfg.prefix, key or ""), True
+        elif wkind == wire.GROUP:
+            exchange, rk, mandatory = (
+                cfg.groups_exchange,
+                group_key(cfg.prefix, name_hash("g", name)),
+                False,
+            )
+        else:
+            h = name_hash("n", name)
+            rk = normal_queue(cfg.prefix, h)
+            exchange, mandatory = "", True
+            when = self.declared.get(h)
+            if when is None or time.monotonic() - when > DECLARE_AGAIN:
+                await self._declare_normal(h, name)
+        self.in_flight += 1
+        fut = asyncio.ensure_future(
+            ch.basic_publish(
+                body, exchange=exchange, routing_key=rk, properties=props, mandatory=mandatory
+            )
+        )
+        fut.add_done_callback(lambda f: self._confirmed(f, key, name))
+        self.p.counters.broker_published += 1
+
+    def _confirmed(self, fut: asyncio.Future[Any], key: str | None, name: str) -> None:
+        self.in_flight -= 1
+        if self.in_flight < MAX_IN_FLIGHT // 2:
+            self._room.set()
+        c = self.p.counters
+        if fut.cancelled():
+            c.dropped_link_down += 1
+            return
+        exc = fut.exception()
+        if exc is None:
+            if isinstance(fut.result(), spec.Basic.Nack):
+                c.dropped_remote_full += 1
+                limited.warning(
+                    "remote-full",
+                    "hybrid_layer: message to %r dropped: its queue on the broker is full",
+                    name,
+                )
+                if key is not None:
+                    self._flag_full(key)
+            else:
+                c.broker_confirmed += 1
+        elif isinstance(exc, aiormq.exceptions.PublishError):
+            c.broker_returned += 1
+            c.dropped_no_channel += 1
+            limited.warning(
+                "remote-none",
+                "hybrid_layer: message to %r dropped: no such host or channel on the broker",
+                name,
+            )
+        else:
+            c.dropped_link_down += 1
+
+    def _flag_full(self, key: str) -> None:
+        if key not in self.full:
+            with self.p.lock:
+                self.p.own.groups.add(name_hash("f", key))
+        self.full[key] = time.monotonic()
+
+    def expire_full_flags(self) -> None:
+        if not self.full:
+            return
+        now = time.monotonic()
+        for key, since in list(self.full.items()):
+            if now - since >= FULL_HOLD:
+                del self.full[key]
+                with self.p.lock:
+                    self.p.own.groups.discard(name_hash("f", key))
+
+    def _normal_args(self, channel: str) -> dict[str, Any]:
+        cfg = self.cfg
+        return {
+            "x-max-length": cfg.capacity_for(channel),
+            "x-overflow": "reject-publish",
+            "x-message-ttl": int(cfg.expiry * 1000),
+            "x-expires": int(max(300.0, 4 * cfg.expiry) * 1000),
+        }
+
+    async def _declare_normal(self, h: int, channel: str) -> None:
+        await self.ch.queue_declare(
+            normal_queue(self.cfg.prefix, h), arguments=self._normal_args(channel)
+        )
+        self.declared[h] = time.monotonic()
+
+    # ---------------------------------------------------------------- bindings
+    async def _syncer(self) -> None:
+        while True:
+            await self._sync_wanted.wait()
+            self._sync_wanted.clear()
+            if self._flush_wanted:
+                self._flush_wanted = False
+                await self._purge()
+            await self._sync()
+
+    async def _sync(self) -> None:
+        self.p.ns.link_set(L.LQ_SYNCS_STARTED, self.syncs + 1)
+        interest = self.p.interest()
+        if interest is None:  # a set was mid-rebuild: try again shortly
+            self.p.ns.link_set(L.LQ_SYNCS_STARTED, self.syncs)
+            self.loop.call_later(0.01, self._sync_wanted.set)
+            return
+        groups, normals = interest
+        ch, cfg = self.ch, self.cfg
+        for h in groups - self.bound:
+            await ch.queue_bind(
+                self.queue, cfg.groups_exchange, routing_key=group_key(cfg.prefix, h)
+            )
+            self.bound.add(h)
+        for h in self.bound - groups:
+            await ch.queue_unbind(
+                self.queue, cfg.groups_exchange, routing_key=group_key(cfg.prefix, h)
+            )
+            self.bound.discard(h)
+        for h in normals - self.consuming.keys():
+            name = self.p.normal_name(h)
+            if name is None:
+                continue  # its reader has not told us the name yet
+            await self.nch.queue_declare(
+                normal_queue(cfg.prefix, h), arguments=self._normal_args(name)
+            )
+            ok = await self.nch.basic_consume(normal_queue(cfg.prefix, h), self._on_normal_message)
+            self.consuming[h] = ok.consumer_tag
+        for h in set(self.consuming) - normals:
+            tag = self.consuming.pop(h)
+            await self.nch.basic_cancel(tag)
+        self._bump_syncs()
+
+    async def _purge(self) -> None:
+        """flush(): empty what this host owns on the broker."""
+        self.out.clear()
+        with contextlib.suppress(Exception):
+            await self.ch.queue_purge(self.queue)
+        for h in list(self.consuming):
+            with contextlib.suppress(Exception):
+                await self.nch.queue_purge(normal_queue(self.cfg.prefix, h))
+
+    # ---------------------------------------------------------------- inbound
+    def _frame(self, msg: DeliveredMessage) -> tuple[wire.Frame, float] | None:
+        c = self.p.counters
+        try:
+            frame = wire.decode(msg.body, self.crypter)
+        except wire.WireError as exc:
+            c.dropped_malformed += 1
+            limited.warning(
+                "malformed", "hybrid_layer: malformed message from the broker dropped: %s", exc
+            )
+            return None
+        remaining = frame.expires_wall - time.time()
+        if remaining <= 0:
+            c.dropped_expired += 1
+            return None
+        c.broker_received += 1
+        return frame, time.monotonic() + min(remaining, self.cfg.expiry)
+
+    async def _on_host_message(self, msg: DeliveredMessage) -> None:
+        got = self._frame(msg)
+        if got is None:
+            return
+        frame, expires_at = got
+        p = self.p
+        if frame.kind == wire.DIRECT:
+            p.deliver_direct(frame.name, frame.payload, expires_at)
+        elif frame.kind == wire.GROUP:
+            if frame.origin != self.cfg.host_id:  # our own copy went out locally
+                p.deliver_group(frame.name, frame.payload, expires_at)
+        else:
+            p.counters.dropped_malformed += 1
+            limited.warning("malformed", "hybrid_layer: normal-channel frame on the host queue")
+
+    async def _on_normal_message(self, msg: DeliveredMessage) -> None:
+        got = self._frame(msg)
+        tag = msg.delivery.delivery_tag
+        ch = msg.channel
+        if got is None or got[0].kind != wire.NORMAL:
+            if got is not None:
+                self.p.counters.dropped_malformed += 1
+            await ch.basic_ack(tag)
+            return
+        frame, expires_at = got
+        r = self.p.deliver_normal(frame.name, frame.payload, expires_at)
+        if r == OK or r in (FULL_CHANNEL, FULL_RING):
+            if r != OK:
+                self.p.counters.dropped_full += 1
+                limited.warning("fwd-full", "hybrid_layer: copy for %r dropped: full", frame.name)
+            await ch.basic_ack(tag)
+        else:  # our reader left: let another host's reader have it
+            await ch.basic_reject(tag, requeue=True)
+
+    # ================================================================ close
+    async def aclose(self, linger: float = 2.0) -> None:
+        """Publish what is queued (up to ``linger`` s), then close the connection."""
+        deadline = time.monotonic() + linger
+        while (self.out or self.in_flight) and self.state == L.LINK_UP:
+            if time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.005)
+        self.closing = True
+        self.task.cancel()
+        with contextlib.suppress(BaseException):
+            await self.task
+        await self._drop_connection()
+        left = len(self.out)
+        self.out.clear()
+        if left:
+            self.p.counters.dropped_link_down += left
+        self._set_state(L.LINK_NONE)
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "state": {L.LINK_UP: "up", L.LINK_DOWN: "down", L.LINK_CONNECTING: "connecting"}.get(
+                self.state, "none"
+            ),
+            "url": _safe(self.url),
+            "queue": self.queue,
+            "bindings": len(self.bound),
+            "normal_consumers": len(self.consuming),
+            "outbound": len(self.out),
+            "in_flight": self.in_flight,
+            "syncs": self.syncs,
+        }
+
+
+def _safe(url: str) -> str:
+    """The URL without its password, for logs."""
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}@{host}"

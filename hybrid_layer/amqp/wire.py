@@ -1,0 +1,114 @@
+"""Pure: the body of every AMQP message hybrid_layer publishes, and its optional encryption.
+
+One frame per message::
+
+    <B flags|version> <B kind> <B origin_len> <H name_len> <d expires_wall>
+    origin   (the sending host's host_id; a host ignores the echo of its own group sends)
+    name     (destination channel, or group)
+    payload  (the msgpack message, or a Fernet token of it when encryption is on)
+
+``expires_wall`` is a Unix time: hosts do not share a monotonic clock. Decoding checks
+every field and raises :class:`WireError` naming the problem; the leader drops, counts
+and logs such messages and keeps going.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import struct
+from typing import NamedTuple
+
+HEADER = struct.Struct("<BBBHd")
+VERSION = 1
+F_ENCRYPTED = 0x80
+
+DIRECT = 1  # to a process channel of the destination host
+GROUP = 2  # to every member of a group on the hosts bound to it
+NORMAL = 3  # to a normal channel (any one reader on any host)
+KINDS = frozenset({DIRECT, GROUP, NORMAL})
+
+
+class WireError(ValueError):
+    """A message from the broker that is not one of ours, or damaged."""
+
+
+class Frame(NamedTuple):
+    kind: int
+    origin: str
+    name: str
+    expires_wall: float
+    payload: bytes
+
+
+class Crypter:
+    """channels_redis-compatible symmetric encryption: the first key encrypts, every key
+    decrypts, so keys rotate without downtime (add the new key first, drop the old one
+    once every host runs with it)."""
+
+    def __init__(self, keys: tuple[bytes, ...]) -> None:
+        from cryptography.fernet import Fernet, MultiFernet
+
+        self._f = MultiFernet(
+            [Fernet(base64.urlsafe_b64encode(hashlib.sha256(k).digest())) for k in keys]
+        )
+
+    def encrypt(self, data: bytes) -> bytes:
+        return self._f.encrypt(data)
+
+    def decrypt(self, token: bytes) -> bytes:
+        from cryptography.fernet import InvalidToken
+
+        try:
+            return self._f.decrypt(token)
+        except InvalidToken:
+            raise WireError("payload does not decrypt with any configured key") from None
+
+
+def encode(
+    kind: int,
+    origin: str,
+    name: str,
+    expires_wall: float,
+    payload: bytes | memoryview,
+    crypter: Crypter | None = None,
+) -> bytes:
+    o = origin.encode()
+    n = name.encode()
+    flags = VERSION
+    body = bytes(payload)
+    if crypter is not None:
+        body = crypter.encrypt(body)
+        flags |= F_ENCRYPTED
+    return b"".join((HEADER.pack(flags, kind, len(o), len(n), expires_wall), o, n, body))
+
+
+def decode(data: bytes, crypter: Crypter | None = None) -> Frame:
+    if len(data) < HEADER.size:
+        raise WireError(f"{len(data)} bytes is shorter than a frame header")
+    flags, kind, olen, nlen, expires_wall = HEADER.unpack_from(data)
+    if flags & 0x7F != VERSION:
+        raise WireError(f"unknown frame version {flags & 0x7F}")
+    if kind not in KINDS:
+        raise WireError(f"unknown frame kind {kind}")
+    end = HEADER.size + olen + nlen
+    if end > len(data):
+        raise WireError(f"names ({olen}+{nlen} bytes) overrun a {len(data)}-byte frame")
+    if expires_wall != expires_wall:  # NaN
+        raise WireError("expiry is not a number")
+    try:
+        origin = data[HEADER.size : HEADER.size + olen].decode()
+        name = data[HEADER.size + olen : end].decode()
+    except UnicodeDecodeError:
+        raise WireError("names are not UTF-8") from None
+    if not name:
+        raise WireError("empty destination name")
+    payload = data[end:]
+    encrypted = bool(flags & F_ENCRYPTED)
+    if crypter is not None:
+        if not encrypted:
+            raise WireError("unencrypted payload while symmetric_encryption_keys is set")
+        payload = crypter.decrypt(payload)
+    elif encrypted:
+        raise WireError("encrypted payload but no symmetric_encryption_keys configured")
+    return Frame(kind, origin, name, expires_wall, payload)

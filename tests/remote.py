@@ -130,6 +130,19 @@ async def _main(conn: Any, config: dict[str, Any]) -> None:
                 ring.data[off : off + 32] = b"\xde\xad\xbe\xef" * 8
                 sv.cq[Q_TAIL] = ring.tail + 32
             return None
+        if cmd == "wait_link":  # broker mode: until the host's link is up (or timeout)
+            (timeout,) = args
+            deadline = time.monotonic() + timeout
+            while layer.statistics().broker.get("link") != "up":
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"link not up: {layer.statistics().broker}")
+                await asyncio.sleep(0.02)
+            return layer.statistics().broker
+        if cmd == "collect_any":  # channels, n: receive n messages over all of them
+            chans, n = args
+            for ch in chans:
+                tasks[ch] = asyncio.create_task(collect(ch, n))
+            return None
         if cmd == "close":
             await layer.close()
             done.set()

@@ -49,6 +49,7 @@ FULL_HOLD = 0.2  # seconds a destination stays "full" after a nack
 BACKOFF_MIN = 0.1
 BACKOFF_MAX = 10.0
 PREFETCH = 256  # unacknowledged deliveries from normal-channel queues
+HOST_PREFETCH = 1000  # ... from the host queue (at most remote_capacity)
 DECLARE_AGAIN = 60.0  # re-declare a normal queue we publish to (keeps x-expires away)
 
 KIND_TO_WIRE = {
@@ -105,6 +106,8 @@ class Link:
         self.declared: dict[int, float] = {}  # normal hash -> when we declared it
         self.full: dict[str, float] = {}  # destination key -> flagged at (monotonic)
         self.syncs = 0
+        self._ack_tag = 0
+        self._ack_scheduled = False
         self.closing = False
         self.thread_id = threading.get_ident()
         self._set_state(L.LINK_CONNECTING)
@@ -234,7 +237,12 @@ class Link:
                 )
                 ch = self.ch = await conn.channel(publisher_confirms=True)
                 await asyncio.sleep(0.1)
-        await ch.basic_consume(self.queue, self._on_host_message, no_ack=True)
+        # acknowledged (in batches) so that a stalled leader holds at most the prefetch
+        # and the rest waits on the broker, where remote_capacity applies
+        await ch.basic_qos(prefetch_count=min(HOST_PREFETCH, cfg.remote_capacity))
+        self._ack_tag = 0
+        self._ack_scheduled = False
+        await ch.basic_consume(self.queue, self._on_host_message)
         nch = self.nch = await conn.channel(publisher_confirms=False)
         await nch.basic_qos(prefetch_count=PREFETCH)
         self.bound = set()
@@ -347,18 +355,8 @@ class Link:
             return
         exc = fut.exception()
         if exc is None:
-            if isinstance(fut.result(), spec.Basic.Nack):
-                c.dropped_remote_full += 1
-                limited.warning(
-                    "remote-full",
-                    "hybrid_layer: message to %r dropped: its queue on the broker is full",
-                    name,
-                )
-                if key is not None:
-                    self._flag_full(key)
-            else:
-                c.broker_confirmed += 1
-        elif isinstance(exc, aiormq.exceptions.PublishError):
+            c.broker_confirmed += 1
+        elif isinstance(exc, aiormq.exceptions.PublishError):  # basic.return: unroutable
             c.broker_returned += 1
             c.dropped_no_channel += 1
             limited.warning(
@@ -366,6 +364,15 @@ class Link:
                 "hybrid_layer: message to %r dropped: no such host or channel on the broker",
                 name,
             )
+        elif isinstance(exc, aiormq.exceptions.DeliveryError):  # basic.nack: queue full
+            c.dropped_remote_full += 1
+            limited.warning(
+                "remote-full",
+                "hybrid_layer: message to %r dropped: its queue on the broker is full",
+                name,
+            )
+            if key is not None:
+                self._flag_full(key)
         else:
             c.dropped_link_down += 1
 
@@ -448,9 +455,9 @@ class Link:
         self.out.clear()
         with contextlib.suppress(Exception):
             await self.ch.queue_purge(self.queue)
-        for h in list(self.consuming):
+        for h in set(self.consuming) | set(self.declared):
             with contextlib.suppress(Exception):
-                await self.nch.queue_purge(normal_queue(self.cfg.prefix, h))
+                await self.ch.queue_purge(normal_queue(self.cfg.prefix, h))
 
     # ---------------------------------------------------------------- inbound
     def _frame(self, msg: DeliveredMessage) -> tuple[wire.Frame, float] | None:
@@ -470,7 +477,22 @@ class Link:
         c.broker_received += 1
         return frame, time.monotonic() + min(remaining, self.cfg.expiry)
 
+    def _ack_later(self, msg: DeliveredMessage) -> None:
+        """One ``basic.ack(multiple)`` per burst of deliveries."""
+        self._ack_tag = max(self._ack_tag, msg.delivery.delivery_tag)
+        if not self._ack_scheduled:
+            self._ack_scheduled = True
+            self.loop.call_soon(self._send_ack, msg.channel)
+
+    def _send_ack(self, ch: Any) -> None:
+        self._ack_scheduled = False
+        tag, self._ack_tag = self._ack_tag, 0
+        if tag and ch is self.ch and not ch.is_closed:
+            task = asyncio.ensure_future(ch.basic_ack(tag, multiple=True))
+            task.add_done_callback(_ignore_result)
+
     async def _on_host_message(self, msg: DeliveredMessage) -> None:
+        self._ack_later(msg)
         got = self._frame(msg)
         if got is None:
             return
@@ -536,6 +558,11 @@ class Link:
             "in_flight": self.in_flight,
             "syncs": self.syncs,
         }
+
+
+def _ignore_result(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()  # a lost connection is handled by the link's loop
 
 
 def _safe(url: str) -> str:

@@ -1,0 +1,358 @@
+"""Three simulated hosts (``host_id``), two or more processes each, one real RabbitMQ.
+
+Every participant is a separate process (``tests.remote.Remote``); same-host traffic goes
+through shared memory, cross-host traffic through each host's leader and the broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from typing import Any
+
+import pytest
+
+from tests.broker.conftest import (
+    HostsFactory,
+    delete_queues,
+    normal_queue_name,
+    rabbitmqctl,
+)
+from tests.remote import Remote, RemoteError, wait_until
+
+pytestmark = [pytest.mark.broker, pytest.mark.timeout(180)]
+
+LAYOUT = {"ha": 2, "hb": 2, "hc": 2}
+
+
+def _all(hs: dict[str, list[Remote]]) -> list[tuple[str, Remote]]:
+    return [(h, r) for h, rs in hs.items() for r in rs]
+
+
+def leader_of(rs: list[Remote]) -> Remote:
+    for r in rs:
+        if r.call("internals")["is_leader"]:
+            return r
+    raise AssertionError("no leader among the host's processes")
+
+
+class TestDirect:
+    def test_every_process_reaches_every_other_host_in_order(self, hosts: HostsFactory) -> None:
+        hs = hosts(LAYOUT)
+        procs = _all(hs)
+        chans = {r.pid: r.call("new_channel", "specific.") for _, r in procs}
+        n = 30
+        for h, r in procs:
+            senders = [s for hh, s in procs if hh != h]
+            r.call("collect", chans[r.pid], n * len(senders))
+        for h, s in procs:
+            for hh, r in procs:
+                if hh == h:
+                    continue
+                msgs = [{"type": "m", "from": s.pid, "i": i} for i in range(n)]
+                assert s.call("send_many", chans[r.pid], msgs) == n
+        for h, r in procs:
+            got = r.call("wait_collected", chans[r.pid], 30.0, timeout=40)
+            by_sender: dict[int, list[int]] = {}
+            for m in got:
+                by_sender.setdefault(m["from"], []).append(m["i"])
+            expected = {s.pid for hh, s in procs if hh != h}
+            assert set(by_sender) == expected
+            for seq in by_sender.values():
+                assert seq == list(range(n))  # FIFO per sender, nothing lost or doubled
+
+    def test_large_message_crosses_hosts(self, hosts: HostsFactory) -> None:
+        hs = hosts({"ha": 1, "hb": 2})
+        dst = hs["ha"][0]
+        ch = dst.call("new_channel", "big.")
+        payload = os.urandom(1024 * 1024)
+        sender = hs["hb"][1]  # not necessarily the leader: via shared memory first
+        sender.call("send", ch, {"type": "big", "data": payload})
+        got = dst.call("receive", ch, 20.0, timeout=30)
+        assert got["data"] == payload
+
+    def test_unknown_remote_channel_is_counted_not_raised(self, hosts: HostsFactory) -> None:
+        hs = hosts({"ha": 1, "hb": 1})
+        real = hs["ha"][0].call("new_channel", "x.")
+        # a well-formed name for a host that does not exist: the broker returns it
+        ghost = real.replace(".ha.", ".nohost.")
+        hs["hb"][0].call("send", ghost, {"type": "lost"})
+        assert wait_until(
+            lambda: hs["hb"][0].call("stats").dropped["no_channel"] >= 1, 10
+        ), hs["hb"][0].call("stats")
+        assert hs["hb"][0].call("stats").broker["returned"] >= 1
+
+
+class TestGroups:
+    def test_group_spans_hosts_one_copy_per_member(self, hosts: HostsFactory) -> None:
+        hs = hosts(LAYOUT)
+        members: list[tuple[Remote, str]] = []
+        for _, r in _all(hs):
+            for _ in range(2):  # two channels per process: one copy each
+                ch = r.call("new_channel", "m.")
+                r.call("group_add", "room", ch)
+                members.append((r, ch))
+        for r, ch in members:
+            r.call("collect", ch, 3)
+        for h in LAYOUT:
+            hs[h][0].call("group_send", "room", {"type": "g", "from": h})
+        for r, ch in members:
+            got = r.call("wait_collected", ch, 20.0, timeout=30)
+            assert sorted(m["from"] for m in got) == sorted(LAYOUT)
+        # nothing extra arrives (no echo of a host's own group send)
+        time.sleep(0.3)
+        for r, ch in members:
+            with pytest.raises(RemoteError, match="Timeout"):
+                r.call("receive", ch, 0.2)
+
+    def test_bindings_follow_membership(self, hosts: HostsFactory) -> None:
+        hs = hosts({"ha": 2, "hb": 1})
+        a1, a2 = hs["ha"]
+        b = hs["hb"][0]
+        c1 = a1.call("new_channel", "m.")
+        c2 = a2.call("new_channel", "m.")
+        a1.call("group_add", "g1", c1)
+        a2.call("group_add", "g1", c2)
+        lead = leader_of(hs["ha"])
+        assert wait_until(lambda: lead.call("stats").broker["bindings"] == 1, 5)
+        b.call("group_send", "g1", {"type": "one"})
+        assert a1.call("receive", c1, 10.0)["type"] == "one"
+        assert a2.call("receive", c2, 10.0)["type"] == "one"
+        # one member leaves: the host stays bound for the other
+        a1.call("group_discard", "g1", c1)
+        b.call("group_send", "g1", {"type": "two"})
+        assert a2.call("receive", c2, 10.0)["type"] == "two"
+        with pytest.raises(RemoteError, match="Timeout"):
+            a1.call("receive", c1, 0.5)
+        # the last member leaves: the binding goes
+        a2.call("group_discard", "g1", c2)
+        assert wait_until(lambda: lead.call("stats").broker["bindings"] == 0, 5)
+        b.call("group_send", "g1", {"type": "three"})
+        with pytest.raises(RemoteError, match="Timeout"):
+            a2.call("receive", c2, 0.5)
+
+    def test_group_add_then_send_from_another_host_right_away(
+        self, hosts: HostsFactory
+    ) -> None:
+        """``await group_add`` returns once the binding exists on the broker."""
+        hs = hosts({"ha": 2, "hb": 1})
+        follower = next(r for r in hs["ha"] if not r.call("internals")["is_leader"])
+        for i in range(5):
+            ch = follower.call("new_channel", "m.")
+            follower.call("group_add", f"fresh{i}", ch)
+            hs["hb"][0].call("group_send", f"fresh{i}", {"type": "hi", "i": i})
+            assert follower.call("receive", ch, 10.0) == {"type": "hi", "i": i}
+
+
+class TestNormalChannels:
+    def test_each_message_once_across_hosts(
+        self, hosts: HostsFactory, broker_url: str, ns_prefix: str
+    ) -> None:
+        hs = hosts(LAYOUT)
+        readers = [hs["ha"][0], hs["ha"][1], hs["hb"][0]]
+        n = 150
+        try:
+            for r in readers:
+                r.call("collect", "work", n)
+            time.sleep(0.5)  # readers registered and their hosts consuming
+            sender = hs["hc"][1]
+            msgs = [{"type": "job", "i": i} for i in range(n)]
+            assert sender.call("send_many", "work", msgs) == n
+            deadline = time.monotonic() + 20
+            got: list[int] = []
+            while time.monotonic() < deadline:
+                got = [m["i"] for r in readers for m in r.call("collected", "work")]
+                if len(got) >= n:
+                    break
+                time.sleep(0.1)
+            time.sleep(0.3)
+            got = [m["i"] for r in readers for m in r.call("collected", "work")]
+            assert sorted(got) == list(range(n))  # exactly once overall
+            per_host_a = sum(len(r.call("collected", "work")) for r in readers[:2])
+            per_host_b = len(readers[2].call("collected", "work"))
+            assert per_host_a + per_host_b == n
+        finally:
+            for _, r in _all(hs):
+                r.close()
+            delete_queues(broker_url, [normal_queue_name(ns_prefix, "work")])
+
+    def test_waits_on_the_broker_for_a_reader_and_capacity_applies(
+        self, hosts: HostsFactory, broker_url: str, ns_prefix: str
+    ) -> None:
+        hs = hosts({"ha": 1, "hb": 1}, capacity=5)
+        try:
+            msgs = [{"type": "job", "i": i} for i in range(40)]
+            sent = hs["hb"][0].call("send_many", "later", msgs)
+            # the queue holds 5; send() does not wait for the broker's verdict, so the
+            # messages in flight when the queue filled are dropped and counted...
+            assert sent >= 5
+            time.sleep(0.05)
+            # ...and from the first rejection on, send() raises ChannelFull at once
+            assert hs["hb"][0].call("send_many", "later", msgs) == 0
+            got = hs["ha"][0].call("receive_many", "later", 5, 10.0)
+            assert [m["i"] for m in got] == [0, 1, 2, 3, 4]
+            with pytest.raises(RemoteError, match="Timeout"):
+                hs["ha"][0].call("receive", "later", 0.5)
+            st = hs["hb"][0].call("stats")
+            assert st.dropped["remote_full"] == sent - 5
+            assert st.raised["full"] == 1
+        finally:
+            for _, r in _all(hs):
+                r.close()
+            delete_queues(broker_url, [normal_queue_name(ns_prefix, "later")])
+
+    def test_expiry_applies_on_the_broker(
+        self, hosts: HostsFactory, broker_url: str, ns_prefix: str
+    ) -> None:
+        hs = hosts({"ha": 1, "hb": 1}, expiry=1)
+        try:
+            hs["hb"][0].call("send", "stale", {"type": "old"})
+            time.sleep(1.5)
+            hs["hb"][0].call("send", "stale", {"type": "new"})
+            assert hs["ha"][0].call("receive", "stale", 5.0) == {"type": "new"}
+            with pytest.raises(RemoteError, match="Timeout"):
+                hs["ha"][0].call("receive", "stale", 0.3)
+        finally:
+            for _, r in _all(hs):
+                r.close()
+            delete_queues(broker_url, [normal_queue_name(ns_prefix, "stale")])
+
+
+class TestCapacityAcrossHosts:
+    def test_full_host_queue_raises_channel_full(self, hosts: HostsFactory) -> None:
+        hs = hosts({"ha": 1, "hb": 1}, remote_capacity=20)
+        dst = hs["ha"][0]
+        ch = dst.call("new_channel", "c.")
+        os.kill(dst.pid, signal.SIGSTOP)  # its leader stops consuming: the queue fills
+        try:
+            msgs = [{"type": "m", "i": i} for i in range(200)]
+            sent = hs["hb"][0].call("send_many", ch, msgs)
+            assert sent >= 20
+            time.sleep(0.05)
+            assert hs["hb"][0].call("send_many", ch, msgs) == 0  # ChannelFull at once
+            time.sleep(0.3)
+            st = hs["hb"][0].call("stats")
+            assert st.raised["full"] == 1
+            accepted = sent - st.dropped["remote_full"]
+            # the stalled leader holds at most its prefetch (= remote_capacity here),
+            # the broker queue the next remote_capacity
+            assert 20 <= accepted <= 40
+        finally:
+            os.kill(dst.pid, signal.SIGCONT)
+        got = dst.call("receive_many", ch, accepted, 10.0)
+        assert [m["i"] for m in got] == list(range(accepted))  # in order, none lost
+        with pytest.raises(RemoteError, match="Timeout"):
+            dst.call("receive", ch, 0.3)
+        # the flag clears: sends work again
+        time.sleep(0.3)
+        hs["hb"][0].call("send", ch, {"type": "after"})
+        assert dst.call("receive", ch, 10.0) == {"type": "after"}
+
+
+class TestBrokerView:
+    def test_one_connection_per_host_and_same_host_traffic_stays_off_the_broker(
+        self, hosts: HostsFactory, ns_prefix: str
+    ) -> None:
+        # heartbeats would move the frame counters: none during this test
+        hs = hosts({"ha": 3, "hb": 2, "hc": 2}, heartbeat=600)
+
+        def ours() -> dict[str, list[int]]:
+            rows = rabbitmqctl("list_connections", "client_properties", "recv_cnt", "send_cnt")
+            out: dict[str, list[int]] = {}
+            for props, recv, send in rows:
+                for h in ("ha", "hb", "hc"):
+                    if f"hl.{ns_prefix}.{h} " in props:
+                        out.setdefault(h, []).extend([int(recv), int(send)])
+            return out
+
+        before = ours()
+        assert sorted(before) == ["ha", "hb", "hc"]
+        assert all(len(v) == 2 for v in before.values()), before  # one connection each
+        a = hs["ha"]
+        chans = [r.call("new_channel", "s.") for r in a]
+        for i, r in enumerate(a):
+            dst = chans[(i + 1) % len(a)]
+            assert r.call("send_many", dst, [{"type": "x", "i": k} for k in range(90)]) == 90
+        for i, r in enumerate(a):
+            assert len(r.call("receive_many", chans[i], 90, 10.0)) == 90
+        time.sleep(0.5)
+        assert ours() == before  # not one frame for same-host traffic
+        # control: one cross-host message moves the counters
+        hs["hb"][0].call("send", chans[0], {"type": "cross"})
+        assert a[0].call("receive", chans[0], 10.0) == {"type": "cross"}
+        assert wait_until(lambda: ours() != before, 10)
+
+
+class TestEncryption:
+    def test_rotation_old_and_new_keys_interoperate(self, hosts: HostsFactory) -> None:
+        ha = hosts({"ha": 1}, symmetric_encryption_keys=["old", "new"])["ha"][0]
+        hb = hosts({"hb": 1}, symmetric_encryption_keys=["new", "old"])["hb"][0]
+        ca, cb = ha.call("new_channel", "e."), hb.call("new_channel", "e.")
+        ha.call("send", cb, {"type": "secret", "b": b"\x00\x01"})
+        hb.call("send", ca, {"type": "secret", "b": b"\x02"})
+        assert hb.call("receive", cb, 10.0) == {"type": "secret", "b": b"\x00\x01"}
+        assert ha.call("receive", ca, 10.0) == {"type": "secret", "b": b"\x02"}
+
+    def test_wrong_key_is_dropped_and_counted(self, hosts: HostsFactory) -> None:
+        ha = hosts({"ha": 1}, symmetric_encryption_keys=["one"])["ha"][0]
+        hb = hosts({"hb": 1}, symmetric_encryption_keys=["two"])["hb"][0]
+        ca = ha.call("new_channel", "e.")
+        hb.call("send", ca, {"type": "secret"})
+        assert wait_until(lambda: ha.call("stats").dropped["malformed"] == 1, 10)
+        with pytest.raises(RemoteError, match="Timeout"):
+            ha.call("receive", ca, 0.3)
+
+
+class TestFlush:
+    def test_flush_purges_what_this_host_queued_on_the_broker(
+        self, hosts: HostsFactory, broker_url: str, ns_prefix: str
+    ) -> None:
+        hs = hosts({"ha": 1, "hb": 1})
+        a, b = hs["ha"][0], hs["hb"][0]
+        try:
+            # nobody reads "jobs" yet: b's messages wait in its queue on the broker
+            assert b.call("send_many", "jobs", [{"type": "j", "i": i} for i in range(5)]) == 5
+            assert wait_until(lambda: b.call("stats").broker["confirmed"] == 5, 5)
+            b.call("flush")
+            time.sleep(0.3)  # the leader purges right after applying the flush
+            b.call("send", "jobs", {"type": "j", "i": 99})
+            assert a.call("receive", "jobs", 10.0) == {"type": "j", "i": 99}
+            with pytest.raises(RemoteError, match="Timeout"):
+                a.call("receive", "jobs", 0.3)
+        finally:
+            for _, r in _all(hs):
+                r.close()
+            delete_queues(broker_url, [normal_queue_name(ns_prefix, "jobs")])
+
+
+def test_broker_keys_need_host() -> None:
+    from hybrid_layer import HybridChannelLayer
+
+    with pytest.raises(ValueError, match="host"):
+        HybridChannelLayer(groups_exchange="x")
+
+
+async def test_in_process_two_hosts_round_trip(broker_url: str, ns_prefix: str) -> None:
+    """Two layers in one process, two host ids: the simplest end-to-end path."""
+    from hybrid_layer import HybridChannelLayer
+
+    cfg: dict[str, Any] = {"prefix": ns_prefix, "host": broker_url}
+    a = HybridChannelLayer(host_id="ha", **cfg)
+    b = HybridChannelLayer(host_id="hb", **cfg)
+    try:
+        ca = await a.new_channel()
+        await b.new_channel()
+        for _ in range(200):
+            if a.statistics().broker["link"] == b.statistics().broker["link"] == "up":
+                break
+            await asyncio.sleep(0.025)
+        await b.send(ca, {"type": "hello", "n": 1})
+        assert await asyncio.wait_for(a.receive(ca), 10) == {"type": "hello", "n": 1}
+        st = b.statistics()
+        assert st.broker["published"] == 1
+        assert wait_until(lambda: b.statistics().broker["confirmed"] == 1, 5)
+    finally:
+        await a.close()
+        await b.close()

@@ -1,0 +1,122 @@
+"""Unit and property tests of the broker wire frame (``hybrid_layer.amqp.wire``)."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hybrid_layer.amqp import wire
+from hybrid_layer.amqp.link import _safe, group_key, host_queue, normal_queue
+
+names = st.text(min_size=1, max_size=120)
+payloads = st.binary(max_size=4096)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    kind=st.sampled_from(sorted(wire.KINDS)),
+    origin=st.text(max_size=32),
+    name=names,
+    expires=st.floats(allow_nan=False, allow_infinity=False),
+    payload=payloads,
+)
+def test_round_trip(kind: int, origin: str, name: str, expires: float, payload: bytes) -> None:
+    data = wire.encode(kind, origin, name, expires, payload)
+    assert wire.decode(data) == wire.Frame(kind, origin, name, expires, payload)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=200))
+def test_garbage_is_a_wire_error_or_a_frame(data: bytes) -> None:
+    """Whatever arrives from the broker: a frame or WireError, never another exception."""
+    try:
+        frame = wire.decode(data)
+    except wire.WireError:
+        return
+    assert frame.kind in wire.KINDS and frame.name
+
+
+@settings(max_examples=100, deadline=None)
+@given(name=names, payload=payloads, cut=st.integers(min_value=0, max_value=60))
+def test_truncated_frames_are_rejected(name: str, payload: bytes, cut: int) -> None:
+    data = wire.encode(wire.DIRECT, "h1", name, 1.0, payload)
+    head = wire.HEADER.size + 2 + len(name.encode())
+    short = data[: min(cut, head - 1)]
+    with pytest.raises(wire.WireError):
+        wire.decode(short)
+
+
+@pytest.mark.parametrize(
+    ("data", "text"),
+    [
+        (b"", "shorter than a frame header"),
+        (struct.pack("<BBBHd", 9, 1, 0, 1, 0.0) + b"x", "unknown frame version"),
+        (struct.pack("<BBBHd", 1, 7, 0, 1, 0.0) + b"x", "unknown frame kind"),
+        (struct.pack("<BBBHd", 1, 1, 5, 9, 0.0) + b"abc", "overrun"),
+        (struct.pack("<BBBHd", 1, 1, 0, 0, 0.0), "empty destination"),
+        (struct.pack("<BBBHd", 1, 1, 0, 1, float("nan")) + b"x", "not a number"),
+        (struct.pack("<BBBHd", 1, 1, 0, 2, 0.0) + b"\xff\xfe", "UTF-8"),
+    ],
+)
+def test_each_problem_is_named(data: bytes, text: str) -> None:
+    with pytest.raises(wire.WireError, match=text):
+        wire.decode(data)
+
+
+class TestEncryption:
+    def test_round_trip_and_payload_not_in_clear(self) -> None:
+        c = wire.Crypter((b"k1",))
+        data = wire.encode(wire.GROUP, "h", "room", 5.0, b"secret-payload", c)
+        assert b"secret-payload" not in data
+        assert wire.decode(data, c).payload == b"secret-payload"
+
+    def test_rotation_first_key_encrypts_all_decrypt(self) -> None:
+        old = wire.Crypter((b"old",))
+        both = wire.Crypter((b"new", b"old"))
+        new_only = wire.Crypter((b"new",))
+        from_old = wire.encode(wire.DIRECT, "h", "c", 5.0, b"x", old)
+        from_both = wire.encode(wire.DIRECT, "h", "c", 5.0, b"y", both)
+        assert wire.decode(from_old, both).payload == b"x"
+        assert wire.decode(from_both, new_only).payload == b"y"
+        with pytest.raises(wire.WireError, match="does not decrypt"):
+            wire.decode(from_both, old)
+
+    def test_compatible_with_channels_redis_key_derivation(self) -> None:
+        """Same derivation as channels_redis: sha256(key) -> urlsafe base64 Fernet key."""
+        import base64
+        import hashlib
+
+        from cryptography.fernet import Fernet
+
+        token = Fernet(base64.urlsafe_b64encode(hashlib.sha256(b"k").digest())).encrypt(b"m")
+        assert wire.Crypter((b"k",)).decrypt(token) == b"m"
+
+    def test_plain_and_encrypted_do_not_mix(self) -> None:
+        c = wire.Crypter((b"k",))
+        plain = wire.encode(wire.DIRECT, "h", "c", 5.0, b"x")
+        enc = wire.encode(wire.DIRECT, "h", "c", 5.0, b"x", c)
+        with pytest.raises(wire.WireError, match="unencrypted"):
+            wire.decode(plain, c)
+        with pytest.raises(wire.WireError, match="no symmetric_encryption_keys"):
+            wire.decode(enc)
+
+
+def test_broker_names() -> None:
+    assert host_queue("asgi", "h1") == "asgi.h1"
+    assert group_key("asgi", 0xAB) == "asgi.g.00000000000000ab"
+    assert normal_queue("asgi", 0xCD) == "asgi.n.00000000000000cd"
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("amqp://guest:secret@127.0.0.1:5672/", "amqp://guest@127.0.0.1:5672/"),
+        ("amqps://u:p@w@host/v", "amqps://u@host/v"),
+        ("amqp://host/", "amqp://host/"),
+    ],
+)
+def test_passwords_never_logged(url: str, shown: str) -> None:
+    assert _safe(url) == shown

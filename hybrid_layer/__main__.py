@@ -61,7 +61,17 @@ def status(prefix: str, host_id: str | None) -> dict[str, Any]:
             )
         if lf:
             lf.close()
+        link = L.LINK_NONE
+        syncs = 0
+        if leader_slot >= 0:
+            base = L.reg_slot_offset(leader_slot) + L.REG_LINK_OFFSET
+            link = L.U64.unpack_from(m, base + 8 * L.LQ_STATE)[0]
+            syncs = L.U64.unpack_from(m, base + 8 * L.LQ_SYNCS)[0]
         return {
+            "link": {L.LINK_UP: "up", L.LINK_DOWN: "down", L.LINK_CONNECTING: "connecting"}.get(
+                link, "none (single host, or no leader)"
+            ),
+            "binding_syncs": syncs,
             "namespace": cfg.namespace,
             "exists": True,
             "max_participants": max_p,
@@ -91,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(
         f"{info['namespace']}: leader pid {info['leader_pid']} (epoch {info['leader_epoch']}),"
-        f" {len(info['participants'])} participant(s), ring {info['ring_bytes']} bytes"
+        f" {len(info['participants'])} participant(s), ring {info['ring_bytes']} bytes,"
+        f" RabbitMQ link {info['link']}"
     )
     for p in info["participants"]:
         dropped = {k[8:]: v for k, v in p.items() if k.startswith("dropped_") and v}
@@ -99,6 +110,12 @@ def main(argv: list[str] | None = None) -> int:
             f"  slot {p['slot']:3d} pid {p['pid']:7d} {'LEADER ' if p['leader'] else ''}"
             f"{'' if p['alive'] else '(dead, not yet reclaimed) '}"
             f"sent {p['sent']} received {p['received']} dropped {dropped or 0}"
+            + (
+                f" broker published {p['broker_published']} confirmed {p['broker_confirmed']}"
+                f" received {p['broker_received']} reconnects {p['broker_reconnects']}"
+                if p["broker_published"] or p["broker_received"] or p["broker_reconnects"]
+                else ""
+            )
         )
     return 0
 

@@ -356,3 +356,21 @@ async def test_in_process_two_hosts_round_trip(broker_url: str, ns_prefix: str) 
     finally:
         await a.close()
         await b.close()
+
+
+def test_status_command_shows_the_link(hosts: HostsFactory, ns_prefix: str) -> None:
+    import json
+    import subprocess
+    import sys
+
+    hs = hosts({"ha": 2})
+    cmd = [sys.executable, "-m", "hybrid_layer", "status", "--prefix", ns_prefix]
+    out = subprocess.run([*cmd, "--host-id", "ha", "--json"], capture_output=True, text=True)
+    info = json.loads(out.stdout)
+    assert info["link"] == "up"
+    assert info["binding_syncs"] >= 1
+    assert sorted(p["pid"] for p in info["participants"]) == sorted(r.pid for r in hs["ha"])
+    text = subprocess.run([*cmd, "--host-id", "ha"], capture_output=True, text=True).stdout
+    assert "RabbitMQ link up" in text
+    none = subprocess.run([*cmd, "--host-id", "nobody"], capture_output=True, text=True)
+    assert "no shared memory" in none.stdout

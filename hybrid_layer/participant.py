@@ -57,6 +57,8 @@ _monotonic = time.monotonic
 LINK_DOWN = 10
 #: how long ``group_add`` waits for the leader to bind a new group on the broker
 BIND_WAIT = 2.0
+#: hand-offs kept while a process that just became leader starts its link
+EARLY_OUT_MAX = 20_000
 
 
 class Item(NamedTuple):
@@ -103,6 +105,8 @@ class Participant:
         self._capacity_cache: dict[str, int] = {}
         # broker mode
         self.link: Any = None  # amqp.link.Link while we lead and a broker is configured
+        self.early_out: deque[tuple[int, str, bytes, float, str | None]] = deque()
+        self.link_closed = False
         self.normal_names: dict[int, str] = {}  # hash -> normal channel read on this host
         self._interest: dict[int, tuple[int, set[int]]] = {}  # slot -> (changes, hashes)
         self._interest_epoch = -1
@@ -170,8 +174,14 @@ class Participant:
             ld = self.ns.leader()
             if ld.slot == self.slot and self.ns.is_leader:
                 link = self.link
-                if link is None:
-                    return LINK_DOWN
+                if link is None:  # we just became leader; the host thread starts it
+                    with self.lock:
+                        if self.link is None:
+                            if len(self.early_out) >= EARLY_OUT_MAX:
+                                return LINK_DOWN
+                            self.early_out.append((kind, name, bytes(msg), expires_at, key))
+                            return OK
+                    link = self.link
                 if key is not None and key in link.full:
                     return FULL_CHANNEL
                 return OK if link.submit(kind, name, bytes(msg), expires_at, key) else LINK_DOWN
@@ -356,14 +366,20 @@ class Participant:
 
     def start_link(self) -> None:
         """Host thread, on becoming leader in broker mode."""
-        if self.link is not None or self.closed or not self.cfg.broker:
+        if self.link is not None or self.closed or self.link_closed or not self.cfg.broker:
             return
         from .amqp.link import Link
 
         assert self.host.loop is not None
         for name in self.readers:
             self.normal_names[name_hash("n", name)] = name
-        self.link = Link(self, self.host.loop)
+        link = Link(self, self.host.loop)
+        with self.lock:
+            self.link = link
+            early, self.early_out = self.early_out, deque()
+        for item in early:  # handed over before the link existed, in order
+            if not link.submit(*item):
+                self.count_link_drop(item[1])
         # every process tells the new leader the names of the normal channels it reads
         for i in self.ns.live_slots():
             sv = self.ns.slot(i)
@@ -941,11 +957,12 @@ class Participant:
     def close(self) -> None:
         if self.closed:
             return
-        link, self.link = self.link, None
-        if link is not None and self.host.loop is not None:
+        loop = self.host.loop
+        if self.cfg.broker and loop is not None and threading.current_thread() is not self.host:
             # publish what is still queued for other hosts, then close the connection
+            # (on the host loop, after any start of the link already scheduled there)
             try:
-                asyncio.run_coroutine_threadsafe(link.aclose(), self.host.loop).result(5)
+                asyncio.run_coroutine_threadsafe(self._close_link(), loop).result(6)
             except Exception:
                 log.exception("hybrid_layer: closing the RabbitMQ link failed")
         self.closed = True
@@ -984,6 +1001,17 @@ class Participant:
                     rloop.call_soon_threadsafe(rloop.remove_reader, bell.fd)
         self.ns.publish_stats(self.counters.values())
         self.ns.detach()
+
+    async def _close_link(self) -> None:
+        if self.link is None and self.early_out and self.ns.is_leader:
+            self.start_link()  # messages handed over before the link started
+        self.link_closed = True
+        link, self.link = self.link, None
+        if link is not None:
+            await link.aclose()
+        if self.early_out:
+            self.counters.dropped_link_down += len(self.early_out)
+            self.early_out.clear()
 
     def abandon(self) -> None:
         """In a forked child: forget the parent's attachment without touching it."""

@@ -156,9 +156,9 @@ class Link:
             url = urls[self.url_index % len(urls)]
             try:
                 await asyncio.wait_for(self._connect(url), self.cfg.connect_timeout)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
+            except (Exception, asyncio.CancelledError) as exc:
+                if isinstance(exc, asyncio.CancelledError) and self._cancelled():
+                    raise
                 await self._drop_connection()
                 failures += 1
                 self.url_index += 1
@@ -187,9 +187,9 @@ class Link:
             self._set_state(L.LINK_UP)
             try:
                 await self._serve()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
+            except (Exception, asyncio.CancelledError) as exc:
+                if isinstance(exc, asyncio.CancelledError) and self._cancelled():
+                    raise
                 limited.warning(
                     "link-lost",
                     "hybrid_layer: RabbitMQ link lost (%s: %s); reconnecting",
@@ -201,6 +201,14 @@ class Link:
                 self._set_state(L.LINK_DOWN)
                 self._drop_outbound("link down")
                 await asyncio.sleep(BACKOFF_MIN * random.uniform(0.5, 1.5))
+
+    def _cancelled(self) -> bool:
+        """Whether a CancelledError is a real cancellation of the link (``aclose``),
+        not aiormq failing the calls pending on a connection it found stuck (no frame
+        within its heartbeat grace): it fails them, and ``closing``, with a
+        CancelledError, which must mean "reconnect", not "stop for good"."""
+        task = asyncio.current_task()
+        return self.closing or (task is not None and task.cancelling() > 0)
 
     async def _connect(self, url: str) -> None:
         cfg = self.cfg
@@ -276,16 +284,18 @@ class Link:
             asyncio.ensure_future(self._publisher()),
             asyncio.ensure_future(self._syncer()),
         ]
+        closing = conn.closing  # an observer: each access makes a new one
         try:
-            done, _ = await asyncio.wait(
-                [*tasks, conn.closing], return_when=asyncio.FIRST_COMPLETED
-            )
-            for t in done:
-                if t is not conn.closing and t.exception() is not None:
+            done, _ = await asyncio.wait([*tasks, closing], return_when=asyncio.FIRST_COMPLETED)
+            for t in tasks:
+                # a task that ended cancelled had a call failed by the dying connection
+                if t in done and not t.cancelled() and t.exception() is not None:
                     raise t.exception()  # type: ignore[misc]
-            if conn.closing.done() and not self.closing:
-                exc = conn.closing.exception() if not conn.closing.cancelled() else None
-                raise ConnectionError(f"connection closed: {exc}")
+            if not self.closing:
+                exc = closing.exception() if closing.done() and not closing.cancelled() else None
+                if isinstance(exc, asyncio.CancelledError):
+                    exc = TimeoutError("no frame from the broker within the heartbeat grace")
+                raise ConnectionError(f"connection closed: {exc!r}")
         finally:
             for t in tasks:
                 t.cancel()
@@ -530,7 +540,7 @@ class Link:
     async def aclose(self, linger: float = 2.0) -> None:
         """Publish what is queued (up to ``linger`` s), then close the connection."""
         deadline = time.monotonic() + linger
-        while (self.out or self.in_flight) and self.state == L.LINK_UP:
+        while (self.out or self.in_flight) and self.state in (L.LINK_UP, L.LINK_CONNECTING):
             if time.monotonic() >= deadline:
                 break
             await asyncio.sleep(0.005)

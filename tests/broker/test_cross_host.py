@@ -79,9 +79,9 @@ class TestDirect:
         # a well-formed name for a host that does not exist: the broker returns it
         ghost = real.replace(".ha.", ".nohost.")
         hs["hb"][0].call("send", ghost, {"type": "lost"})
-        assert wait_until(
-            lambda: hs["hb"][0].call("stats").dropped["no_channel"] >= 1, 10
-        ), hs["hb"][0].call("stats")
+        assert wait_until(lambda: hs["hb"][0].call("stats").dropped["no_channel"] >= 1, 10), hs[
+            "hb"
+        ][0].call("stats")
         assert hs["hb"][0].call("stats").broker["returned"] >= 1
 
 
@@ -133,9 +133,7 @@ class TestGroups:
         with pytest.raises(RemoteError, match="Timeout"):
             a2.call("receive", c2, 0.5)
 
-    def test_group_add_then_send_from_another_host_right_away(
-        self, hosts: HostsFactory
-    ) -> None:
+    def test_group_add_then_send_from_another_host_right_away(self, hosts: HostsFactory) -> None:
         """``await group_add`` returns once the binding exists on the broker."""
         hs = hosts({"ha": 2, "hb": 1})
         follower = next(r for r in hs["ha"] if not r.call("internals")["is_leader"])
@@ -374,3 +372,31 @@ def test_status_command_shows_the_link(hosts: HostsFactory, ns_prefix: str) -> N
     assert "RabbitMQ link up" in text
     none = subprocess.run([*cmd, "--host-id", "nobody"], capture_output=True, text=True)
     assert "no shared memory" in none.stdout
+
+
+def test_short_lived_sync_sender_on_its_own_host(
+    hosts: HostsFactory, ns_prefix: str, broker_url: str
+) -> None:
+    """A Celery-like process: alone on its host (so it leads), sends with async_to_sync
+    right after start, exits at once. Its link is not up yet when it sends: nothing may be
+    lost, and exiting waits for the broker's confirms."""
+    import subprocess
+    import sys
+
+    web = hosts({"web": 2})["web"]
+    ch = web[1].call("new_channel", "ws.")
+    web[1].call("group_add", "news", ch)
+    script = (
+        "import sys\n"
+        "from asgiref.sync import async_to_sync\n"
+        "from hybrid_layer import HybridChannelLayer\n"
+        f"layer = HybridChannelLayer(prefix={ns_prefix!r}, host_id='celery', host={broker_url!r})\n"
+        "async_to_sync(layer.group_send)('news', {'type': 'news.item', 'n': 1})\n"
+        f"async_to_sync(layer.send)({ch!r}, {{'type': 'direct', 'n': 2}})\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert web[1].call("receive", ch, 10.0) == {"type": "news.item", "n": 1}
+    assert web[1].call("receive", ch, 10.0) == {"type": "direct", "n": 2}

@@ -229,30 +229,9 @@ class Participant:
             )
             if r != NO_CHANNEL:
                 return r
-        readers = self.ns.slots_with(h)
-        result = NO_CHANNEL
-        if readers:
-            start = self.rr.get(channel, 0)
-            self.rr[channel] = start + 1
-            n = len(readers)
-            for k in range(n):
-                r = self.ns.write(
-                    readers[(start + k) % n],
-                    0,
-                    L.KIND_NORMAL,
-                    name_b,
-                    expires_at,
-                    msg,
-                    bucket,
-                    cap,
-                    True,
-                )
-                if r == OK:
-                    return OK
-                if r != NO_CHANNEL:
-                    result = r
-            if result != NO_CHANNEL:
-                return result
+        r = self.deliver_normal(channel, msg, expires_at)
+        if r != NO_CHANNEL:
+            return r
         # nobody reads it yet: park it with the leader until a reader appears
         for _ in range(2):
             ld = self.ns.leader()

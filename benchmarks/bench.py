@@ -3,10 +3,13 @@
 
     python benchmarks/bench.py [--quick] [--runs 3] [--scenarios single,pingpong,...]
                                [--layers hybrid,redis,...] [--json]
+                               [--rabbitmq-python benchmarks/.venv-rabbitmq/bin/python]
 
 Every measurement runs in freshly spawned processes (``multiprocessing`` "spawn"), each
-building its own layer object and using only the public channel layer API. See
-``benchmarks/README.md`` for what each scenario does and what every number means.
+building its own layer object and using only the public channel layer API. The workers of
+channels_rabbitmq run under a second interpreter (its own virtualenv: it needs pamqp 3,
+hybrid_layer needs pamqp 4). See ``benchmarks/README.md`` for what each scenario does and
+what every number means.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ import multiprocessing as mp
 import multiprocessing.connection
 import os
 import socket
+import subprocess
 import sys
 import time
+from dataclasses import asdict
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -34,6 +39,22 @@ REDIS = ("127.0.0.1", 6379)
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 SHM_DIR = "/dev/shm"
 HYBRID_HOST_ID = "bench"
+# cross-host scenarios: hybrid in broker mode, two simulated hosts on this machine
+XHOST_IDS = {"a": "ha", "b": "hb"}
+LINK_WAIT = 30.0  # seconds a hybrid broker-mode worker waits for its host's link
+WORKER_SCRIPT = os.path.join(HERE, "bench_worker.py")
+RABBITMQ_VENV_PYTHON = os.path.join(HERE, ".venv-rabbitmq", "bin", "python")
+RABBITMQ_PROBE = (
+    "import json, platform, importlib.metadata as m\n"
+    "import channels_rabbitmq.core, channels.exceptions\n"
+    "v = {}\n"
+    "for p in ('channels-rabbitmq', 'carehare', 'pamqp', 'channels', 'msgpack'):\n"
+    "    try:\n"
+    "        v[p] = m.version(p)\n"
+    "    except m.PackageNotFoundError:\n"
+    "        v[p] = 'not installed'\n"
+    "print(json.dumps({'python': platform.python_version(), 'packages': v}))\n"
+)
 
 SIZES = {"100B": 100, "10KB": 10_000, "1MB": 1_000_000}
 FANOUT_SIZES = ("100B", "10KB")  # 1 MB x 100 members is not a fan-out workload
@@ -41,7 +62,8 @@ FANOUT_MEMBERS = 50  # per receiver process; two receivers -> a group of 100
 
 LAYERS = {
     # name: (kind, scenarios it can run, label)
-    "hybrid": ("hybrid", None, "hybrid_layer.HybridChannelLayer (same host)"),
+    "hybrid": ("hybrid", None, "hybrid_layer.HybridChannelLayer (same host; broker mode "
+               "with two host_ids in x-scenarios)"),
     "inmemory": ("inmemory", {"single"}, "channels.layers.InMemoryChannelLayer"),
     "redis": ("redis", None, "channels_redis.core.RedisChannelLayer"),
     "redis_pubsub": ("redis_pubsub", None, "channels_redis.pubsub.RedisPubSubChannelLayer"),
@@ -49,8 +71,11 @@ LAYERS = {
 }
 LAYER_ALIASES = {"pubsub": "redis_pubsub", "memory": "inmemory", "rabbit": "rabbitmq"}
 
-SCENARIOS = ("single", "pingpong", "throughput", "fanout-paced", "fanout-unpaced")
-SCENARIO_ALIASES = {"fanout": ("fanout-paced", "fanout-unpaced")}
+SCENARIOS = ("single", "pingpong", "throughput", "fanout-paced", "fanout-unpaced",
+             "xpingpong", "xthroughput")
+SCENARIO_ALIASES = {"fanout": ("fanout-paced", "fanout-unpaced"),
+                    "cross": ("xpingpong", "xthroughput")}
+CROSS = {"xpingpong", "xthroughput"}  # two simulated hosts: hybrid through RabbitMQ
 
 # Per mode: how long / how many. Every loop stops at its count or its duration, whichever
 # comes first, so a slow layer costs time, not a hang.
@@ -64,6 +89,10 @@ MODES: dict[str, dict[str, Any]] = {
                        "count": {"100B": 1_000_000, "10KB": 1_000_000, "1MB": 100}},
         "fanout-paced": {"duration": 1.5, "rate": 100, "count": {"100B": 10**6, "10KB": 10**6}},
         "fanout-unpaced": {"duration": 1.5, "count": {"100B": 500, "10KB": 300}},
+        "xpingpong": {"duration": 1.0, "count": {"100B": 5000, "10KB": 5000, "1MB": 60},
+                      "warmup": {"100B": 200, "10KB": 200, "1MB": 5}},
+        "xthroughput": {"duration": 1.5,
+                        "count": {"100B": 1_000_000, "10KB": 1_000_000, "1MB": 100}},
         "idle_s": 1.0, "straggler_cap_s": 10.0, "stall_s": 5.0,
         "sizes": ("100B", "10KB", "1MB"),
     },
@@ -76,6 +105,10 @@ MODES: dict[str, dict[str, Any]] = {
                        "count": {"100B": 1_000_000, "10KB": 1_000_000, "1MB": 20}},
         "fanout-paced": {"duration": 0.5, "rate": 100, "count": {"100B": 10**6, "10KB": 10**6}},
         "fanout-unpaced": {"duration": 0.5, "count": {"100B": 200, "10KB": 100}},
+        "xpingpong": {"duration": 0.3, "count": {"100B": 1000, "10KB": 1000, "1MB": 15},
+                      "warmup": {"100B": 100, "10KB": 100, "1MB": 2}},
+        "xthroughput": {"duration": 0.4,
+                        "count": {"100B": 1_000_000, "10KB": 1_000_000, "1MB": 20}},
         "idle_s": 0.5, "straggler_cap_s": 5.0, "stall_s": 4.0,
         "sizes": ("100B", "1MB"),  # --sizes 100B,10KB,1MB for all three
     },
@@ -128,9 +161,13 @@ def unique_tag() -> str:
     return f"b{os.getpid()}x{next(_tags)}"
 
 
-def layer_config(layer: str, tag: str) -> dict[str, Any]:
+def layer_config(layer: str, tag: str, host: str | None = None) -> dict[str, Any]:
+    """Constructor arguments (plus "kind") of one worker's layer. ``host`` ("a"/"b"): the
+    simulated host of a cross-host scenario; only hybrid needs to know (broker mode)."""
     kind = LAYERS[layer][0]
     if kind == "hybrid":
+        if host is not None:
+            return {"kind": kind, "prefix": tag, "host_id": XHOST_IDS[host], "host": AMQP_URL}
         return {"kind": kind, "prefix": tag, "host_id": HYBRID_HOST_ID}
     if kind == "inmemory":
         return {"kind": kind}
@@ -142,19 +179,24 @@ def layer_config(layer: str, tag: str) -> dict[str, Any]:
 
 
 def roles_for(scenario: str, size: str, mode: dict[str, Any], tag: str) -> list[tuple]:
-    """[(process name, role, params)] for one measurement."""
+    """[(process name, role, params, simulated host or None)] for one measurement.
+
+    Cross-host scenarios put the initiator / the producers on host "a" and the echo /
+    the consumer on host "b"."""
     sc = mode[scenario]
     base = {"size": SIZES[size], "duration": sc["duration"], "count": sc["count"][size]}
     if scenario == "single":
-        return [("single", "single", {**base, "warmup": sc["warmup"][size]})]
-    if scenario == "pingpong":
-        return [("ping", "ping", {**base, "warmup": sc["warmup"][size]}),
-                ("echo", "echo", {**base, "watchdog": False})]
-    if scenario == "throughput":
-        out = [("consumer", "consumer", dict(base))]
+        return [("single", "single", {**base, "warmup": sc["warmup"][size]}, None)]
+    if scenario in ("pingpong", "xpingpong"):
+        x = scenario == "xpingpong"
+        return [("ping", "ping", {**base, "warmup": sc["warmup"][size]}, "a" if x else None),
+                ("echo", "echo", {**base, "watchdog": False}, "b" if x else None)]
+    if scenario in ("throughput", "xthroughput"):
+        x = scenario == "xthroughput"
+        out = [("consumer", "consumer", dict(base), "b" if x else None)]
         for i in range(2):
             out.append((f"producer{i}", "producer",
-                        {**base, "index": i, "retry_sleep": RETRY_SLEEP}))
+                        {**base, "index": i, "retry_sleep": RETRY_SLEEP}, "a" if x else None))
         return out
     if scenario.startswith("fanout"):
         group = f"bench-{tag}"
@@ -162,10 +204,11 @@ def roles_for(scenario: str, size: str, mode: dict[str, Any], tag: str) -> list[
         count = sc["count"][size]
         if rate:
             count = min(count, int(rate * sc["duration"]))
-        out = [("sender", "sender", {**base, "count": count, "group": group, "rate": rate})]
+        out = [("sender", "sender", {**base, "count": count, "group": group, "rate": rate},
+                None)]
         for i in range(2):
             out.append((f"receiver{i}", "receiver",
-                        {**base, "group": group, "members": FANOUT_MEMBERS}))
+                        {**base, "group": group, "members": FANOUT_MEMBERS}, None))
         return out
     raise ValueError(scenario)
 
@@ -174,13 +217,50 @@ SOURCES = {"producer", "sender"}
 SINKS = {"consumer", "receiver"}
 
 
+class ExternalWorker:
+    """A worker under another interpreter: ``python -I bench_worker.py --fd N``.
+
+    Same surface as the ``multiprocessing.Process`` objects the orchestrator uses (pid,
+    join, is_alive, kill) and the same control pipe: a ``multiprocessing`` duplex pipe
+    (a socketpair) whose child end the worker inherits; the spec goes first, as a dict.
+    ``-I`` keeps the orchestrator's environment (PYTHONPATH, user site) out of it."""
+
+    def __init__(self, python: str, spec: bench_worker.Spec, name: str) -> None:
+        self.name = name
+        parent, child = mp.Pipe()
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+        try:
+            self.proc = subprocess.Popen(
+                [python, "-I", WORKER_SCRIPT, "--fd", str(child.fileno())],
+                pass_fds=[child.fileno()], stdin=subprocess.DEVNULL, env=env,
+            )
+        finally:
+            child.close()
+        self.pid = self.proc.pid
+        self.conn = parent
+        parent.send(asdict(spec))
+
+    def join(self, timeout: float | None = None) -> None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout)
+
+    def is_alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+
+
 # ---------------------------------------------------------------------------- one measurement
 class Measurement:
-    def __init__(self, layer: str, scenario: str, size: str, run: int, mode: dict[str, Any]):
+    def __init__(self, layer: str, scenario: str, size: str, run: int, mode: dict[str, Any],
+                 python: str | None = None):
         self.layer, self.scenario, self.size, self.run = layer, scenario, size, run
         self.mode = mode
         self.tag = unique_tag()
-        self.layer_cfg = layer_config(layer, self.tag)
+        self.python = python  # another interpreter for this layer's workers (rabbitmq)
         self.notes: list[str] = []
 
     def _params(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -199,17 +279,32 @@ class Measurement:
         procs: dict[str, Any] = {}
         conns: dict[str, Any] = {}
         role_of: dict[str, str] = {}
-        for idx, (name, role, params) in enumerate(roles):
+        self.shm, self.phases = {}, {}
+        t_start = time.monotonic()
+        for idx, (name, role, params, host) in enumerate(roles):
             params = self._params(params)
             params["cleanup"] = idx == 0  # one process deletes the run's Redis keys
+            cfg = layer_config(self.layer, self.tag, host)
+            if "host" in cfg and cfg["kind"] == "hybrid":
+                params["wait_link"] = LINK_WAIT
+            spec = bench_worker.Spec(layer=cfg, role=role, name=name, params=params)
+            if self.python:
+                try:
+                    w = ExternalWorker(self.python, spec, name)
+                except OSError as exc:
+                    self.notes.append(f"cannot start {name} with {self.python}: {exc}")
+                    self._reap(procs, conns)
+                    return self._summarise({n: {"status": "error"} for n in role_of} | {
+                        name: {"status": "error", "error": str(exc)}}, {}, {
+                        **role_of, name: role}, time.monotonic() - t_start)
+                procs[name], conns[name], role_of[name] = w, w.conn, role
+                continue
             parent, child = ctx.Pipe()
-            spec = bench_worker.Spec(layer=self.layer_cfg, role=role, name=name, params=params)
             p = ctx.Process(target=bench_worker.main, args=(spec, child),
                             name=f"bench-{self.layer}-{name}", daemon=True)
             p.start()
             child.close()
             procs[name], conns[name], role_of[name] = p, parent, role
-        t_start = time.monotonic()
         try:
             results, closed = self._drive(procs, conns, role_of)
         finally:
@@ -372,14 +467,14 @@ class Measurement:
         sc = self.scenario
         if sc == "single":
             r = results.get("single", {})
-            m.update({k: r.get(k) for k in ("pairs_per_s", "pairs", "seconds")})
-        elif sc == "pingpong":
+            m.update({k: r.get(k) for k in ("pairs_per_s", "pairs", "seconds", "lost")})
+        elif sc in ("pingpong", "xpingpong"):
             r = results.get("ping", {})
             for k in ("p50_us", "p90_us", "p99_us", "max_us", "mean_us", "round_trips",
                       "lost", "mismatched"):
                 m[k] = r.get(k)
             m["echoed"] = results.get("echo", {}).get("echoed")
-        elif sc == "throughput":
+        elif sc in ("throughput", "xthroughput"):
             c = results.get("consumer", {})
             prods = [results.get(n, {}) for n in role_of if role_of[n] == "producer"]
             sent = sum(p.get("sent", 0) for p in prods)
@@ -425,6 +520,16 @@ class Measurement:
         m["rss_max_kb"] = max(rss.values()) if rss else None
         m["rss_total_kb"] = sum(rss.values()) if rss else None
         m.update(self.shm)
+        # hybrid_layer's own counters: where a lost message went (dropped full, link...)
+        lstats = {n: c["layer_stats"] for n, c in closed.items() if c.get("layer_stats")}
+        if lstats:
+            m["layer_stats"] = lstats
+            for n, ls in lstats.items():
+                role = f"{n}{' (leader)' if ls.get('is_leader') else ''}"
+                if ls.get("dropped"):
+                    self.notes.append(f"{role}: hybrid_layer dropped {ls['dropped']}")
+                if ls.get("error"):
+                    self.notes.append(f"{role}: statistics() failed: {ls['error']}")
         m["wall_s"] = wall
         m["phases_s"] = self.phases
         # anything odd
@@ -466,6 +571,31 @@ class Measurement:
 
 
 # ---------------------------------------------------------------------------- driver
+def probe_rabbitmq_python(given: str | None) -> tuple[dict[str, Any], str]:
+    """({python_path, python, packages}, "") for the interpreter of the channels_rabbitmq
+    workers, or ({}, why it cannot be used)."""
+    python = os.path.abspath(given or RABBITMQ_VENV_PYTHON)  # not realpath: a venv's link
+    if not os.path.exists(python):
+        return {}, (f"no interpreter for channels_rabbitmq: {python} does not exist "
+                    "(`make bench` creates benchmarks/.venv-rabbitmq; or pass "
+                    "--rabbitmq-python). "
+                    "It cannot share hybrid_layer's virtualenv: channels_rabbitmq -> carehare "
+                    "needs pamqp<4, aiormq (hybrid_layer) needs pamqp>=4")
+    try:
+        out = subprocess.run([python, "-I", "-c", RABBITMQ_PROBE], capture_output=True,
+                             text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return {}, f"cannot run {python}: {type(exc).__name__}: {exc}"
+    if out.returncode != 0:
+        last = (out.stderr.strip().splitlines() or ["?"])[-1]
+        return {}, f"{python} cannot import channels_rabbitmq: {last}"
+    try:
+        info = json.loads(out.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return {}, f"{python}: unexpected probe output {out.stdout[:200]!r}"
+    return {"python_path": python, **info}, ""
+
+
 def parse_list(value: str, known: Any, aliases: dict[str, Any]) -> list[str]:
     out: list[str] = []
     for item in value.split(","):
@@ -497,6 +627,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="one JSON object per measurement")
     ap.add_argument("--out", help="results file stem (default benchmarks/results/"
                     "<date>-<hostname>[-quick])")
+    ap.add_argument("--rabbitmq-python", default=None,
+                    help="interpreter that runs the channels_rabbitmq workers (it cannot share "
+                    "a virtualenv with hybrid_layer: pamqp 3 vs 4); default "
+                    "benchmarks/.venv-rabbitmq/bin/python, which `make bench` creates")
     args = ap.parse_args(argv)
     if args.runs < 1:
         ap.error("--runs must be at least 1")
@@ -515,8 +649,17 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("redis", "redis_pubsub"):
             if name in layers:
                 skipped[name] = f"Redis not reachable at {REDIS[0]}:{REDIS[1]}"
-    if "rabbitmq" in layers and not port_open(("127.0.0.1", 5672)):
+    amqp_up = port_open(("127.0.0.1", 5672))
+    if "rabbitmq" in layers and not amqp_up:
         skipped["rabbitmq"] = "RabbitMQ not reachable at 127.0.0.1:5672"
+    rabbitmq_env: dict[str, Any] = {}
+    if "rabbitmq" in layers and "rabbitmq" not in skipped:
+        rabbitmq_env, why = probe_rabbitmq_python(args.rabbitmq_python)
+        if why:
+            skipped["rabbitmq"] = why
+    if "hybrid" in layers and CROSS & set(scenarios) and not amqp_up:
+        skipped["hybrid (xpingpong, xthroughput)"] = (
+            "RabbitMQ not reachable at 127.0.0.1:5672: broker mode cannot run")
     notes: list[str] = []
     if "inmemory" in layers:
         notes.append("InMemoryChannelLayer runs `single` only: it cannot cross processes.")
@@ -533,6 +676,8 @@ def main(argv: list[str] | None = None) -> int:
                     allowed = LAYERS[layer][1]
                     if layer in skipped or (allowed is not None and sc not in allowed):
                         continue
+                    if layer == "hybrid" and sc in CROSS and not amqp_up:
+                        continue
                     plan.append((layer, sc, size, run))
 
     machine = bench_report.machine_info()
@@ -548,7 +693,8 @@ def main(argv: list[str] | None = None) -> int:
         for i, (layer, sc, size, run) in enumerate(plan, 1):
             if layer in skipped:
                 continue
-            rec = Measurement(layer, sc, size, run, mode).execute()
+            python = rabbitmq_env.get("python_path") if layer == "rabbitmq" else None
+            rec = Measurement(layer, sc, size, run, mode, python).execute()
             records.append(rec)
             if args.json:
                 print(json.dumps(rec, default=str), flush=True)
@@ -582,6 +728,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine, "layer_labels": {k: v[2] for k, v in LAYERS.items()},
         "retry_sleep_s": RETRY_SLEEP, "fanout_members": FANOUT_MEMBERS * 2,
         "redis": f"{REDIS[0]}:{REDIS[1]}", "amqp": AMQP_URL.replace("guest:guest@", ""),
+        "rabbitmq_worker_env": rabbitmq_env, "cross_host_ids": XHOST_IDS,
     }
     summary = bench_report.summarise(records, meta)
     stem = args.out or os.path.join(

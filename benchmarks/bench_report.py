@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 PACKAGES = ("hybrid-layer", "channels", "channels-redis", "channels-rabbitmq", "asgiref",
-            "msgspec", "posix-ipc", "aiormq", "redis", "carehare", "msgpack", "Django")
+            "msgspec", "posix-ipc", "aiormq", "pamqp", "redis", "carehare", "msgpack", "Django")
 
 # scenario -> [(metric, label, higher_is_better, format)]
 HEADLINE: dict[str, list[tuple[str, str, bool, str]]] = {
@@ -24,6 +24,9 @@ HEADLINE: dict[str, list[tuple[str, str, bool, str]]] = {
                      ("p50_us", "p50", False, "us"), ("p99_us", "p99", False, "us")],
     "fanout-unpaced": [("deliveries_per_s", "deliveries/s", True, "rate"),
                        ("p50_us", "p50", False, "us"), ("p99_us", "p99", False, "us")],
+    "xpingpong": [("p50_us", "p50", False, "us"), ("p90_us", "p90", False, "us"),
+                  ("p99_us", "p99", False, "us")],
+    "xthroughput": [("msgs_per_s", "msg/s", True, "rate")],
 }
 # counted over all runs (sum), shown as "lost/expected"
 LOSS = {
@@ -32,12 +35,16 @@ LOSS = {
     "throughput": ("lost", "sent"),
     "fanout-paced": ("lost", "expected"),
     "fanout-unpaced": ("lost", "expected"),
+    "xpingpong": ("lost", "round_trips"),
+    "xthroughput": ("lost", "sent"),
 }
+THROUGHPUT = ("throughput", "xthroughput")  # scenarios with ChannelFull retries
 MEMORY = [("rss_max_kb", "RSS max/process", "kb"), ("rss_total_kb", "RSS all processes", "kb"),
           ("shm_bytes", "/dev/shm size", "bytes"),
           ("shm_resident_bytes", "/dev/shm resident", "bytes")]
 DASH = "\u2013"  # en dash
-SCENARIO_ORDER = ("single", "pingpong", "throughput", "fanout-paced", "fanout-unpaced")
+SCENARIO_ORDER = ("single", "pingpong", "throughput", "fanout-paced", "fanout-unpaced",
+                  "xpingpong", "xthroughput")
 SIZE_ORDER = ("100B", "10KB", "1MB")
 LAYER_ORDER = ("hybrid", "inmemory", "redis", "redis_pubsub", "rabbitmq")
 
@@ -156,7 +163,7 @@ def one_line(rec: dict[str, Any]) -> str:
     loss = LOSS.get(rec["scenario"])
     if loss:
         parts.append(f"lost {m.get(loss[0])}/{m.get(loss[1])}")
-    if rec["scenario"] == "throughput":
+    if rec["scenario"] in THROUGHPUT:
         parts.append(f"retries {m.get('retries')}")
     parts.append(f"rss {fmt(m.get('rss_max_kb'), 'kb')}")
     if m.get("shm_bytes"):
@@ -211,6 +218,22 @@ def summarise(records: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, 
             row["lost"] = sum(r["metrics"].get(loss[0]) or 0 for r in recs)
             row["of"] = sum(r["metrics"].get(loss[1]) or 0 for r in recs)
         row["shm_leaked"] = sum(r["metrics"].get("shm_leaked") or 0 for r in recs)
+        totals: dict[str, int] = {}
+        for r in recs:  # hybrid_layer's own counters, summed over processes and runs
+            for n, ls in (r["metrics"].get("layer_stats") or {}).items():
+                who = "leader" if ls.get("is_leader") else "non-leader"
+                where = n.rstrip("0123456789")
+                for what in ("dropped", "raised"):
+                    for k, v in (ls.get(what) or {}).items():
+                        key = f"{where} ({who}) {what} {k}"
+                        totals[key] = totals.get(key, 0) + v
+                for k in ("published", "confirmed", "returned", "received"):
+                    v = (ls.get("broker") or {}).get(k)
+                    if v:
+                        key = f"{where} ({who}) broker {k}"
+                        totals[key] = totals.get(key, 0) + v
+        if totals:
+            row["layer_stats_totals"] = totals
         rows.append(row)
     # ratios hybrid / peer, computed run by run, then the median over runs
     ratios = []
@@ -251,7 +274,7 @@ def _scenario_rows(summary: dict[str, Any], sc: str) -> tuple[list[str], list[li
     header = ["size", "layer"] + [label for _, label, _, _ in heads]
     if sc in LOSS:
         header.append("lost / expected (all runs)")
-    if sc == "throughput":
+    if sc in THROUGHPUT:
         header.append("ChannelFull retries")
     if sc.startswith("fanout"):
         header.append("group_send/s")
@@ -265,7 +288,7 @@ def _scenario_rows(summary: dict[str, Any], sc: str) -> tuple[list[str], list[li
             cells.append(spread(row["metrics"].get(key), kind))
         if sc in LOSS:
             cells.append(f"{row.get('lost', 0)} / {row.get('of', 0)}")
-        if sc == "throughput":
+        if sc in THROUGHPUT:
             cells.append(spread(row["metrics"].get("retries"), "int"))
         if sc.startswith("fanout"):
             cells.append(spread(row["metrics"].get("group_sends_per_s"), "rate"))
@@ -286,6 +309,16 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
         "- packages: " + ", ".join(f"{k} {v}" for k, v in mc["packages"].items()),
         f"- servers: Redis {mc['servers'].get('redis')} at {meta['redis']}; "
         f"RabbitMQ {mc['servers'].get('rabbitmq')} at {meta['amqp']}",
+    ]
+    rq = meta.get("rabbitmq_worker_env") or {}
+    if rq:
+        lines.append(
+            f"- channels_rabbitmq workers: `{rq.get('python_path')}` (Python "
+            f"{rq.get('python')}; " + ", ".join(f"{k} {v}" for k, v in
+                                                 rq.get("packages", {}).items())
+            + "), a separate virtualenv: carehare needs pamqp<4, hybrid_layer's aiormq "
+            "needs pamqp>=4")
+    lines += [
         f"- hybrid_layer commit `{mc['git_commit']}`"
         + (" (hybrid_layer/ has uncommitted changes)" if mc["git_dirty_hybrid_layer"] else ""),
         f"- load average at start {meta['load_avg_start'][0]:.2f}, at end "
@@ -319,7 +352,15 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
         "throughput": "throughput — 2 producers → 1 consumer (msg/s at the consumer)",
         "fanout-paced": "fanout, paced — group of 100 over 2 receivers, fixed send rate",
         "fanout-unpaced": "fanout, unpaced — group of 100 over 2 receivers, send flat out",
+        "xpingpong": "xpingpong — round trip between two hosts (µs, initiator's clock)",
+        "xthroughput": "xthroughput — 2 producers on host A → 1 consumer on host B "
+                       "(msg/s at the consumer)",
     }
+    if any(r["scenario"] in CROSS for r in summary["rows"]):
+        ids = meta.get("cross_host_ids") or {}
+        lines += ["## Cross-host scenarios", "",
+                  CROSS_INTRO.format(a=ids.get("a", "?"), b=ids.get("b", "?")), ""]
+        lines += _cross_counters(summary)
     for sc in SCENARIO_ORDER:
         if not any(r["scenario"] == sc for r in summary["rows"]):
             continue
@@ -358,6 +399,39 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
                      + ")" + (": " + " | ".join(r["notes"])[:1500] if r["notes"] else ""))
     lines.append("")
     return "\n".join(lines)
+
+
+CROSS = ("xpingpong", "xthroughput")
+CROSS_INTRO = (
+        "`hybrid` runs in broker mode with two `host_id`s on this one machine (host A = "
+        "`{a}`: the initiator / both producers; host B = `{b}`: the echo / the consumer), "
+        "each with a unique prefix per measurement, so every measured message crosses "
+        "RabbitMQ: the sender hands it to its host's leader (itself, or through shared "
+        "memory when it is not the leader), the leader publishes it to host B's queue, "
+        "host B's leader delivers it through shared memory. Every worker waits for "
+        "`statistics().broker[\"link\"] == \"up\"` before it says ready. For "
+        "`rabbitmq` (channels_rabbitmq), `redis` and `redis_pubsub` the cross-host path is "
+        "simply their normal path: every message goes through the server in pingpong and "
+        "throughput already, so these rows are the same workload as those scenarios, "
+        "re-measured here so that the ratios compare measurements taken close together."
+)
+
+
+def _cross_counters(summary: dict[str, Any]) -> list[str]:
+    """hybrid_layer's own drop counters in xthroughput (where the lost messages went)."""
+    out: list[str] = []
+    for row in summary["rows"]:
+        if row["layer"] != "hybrid" or row["scenario"] != "xthroughput":
+            continue
+        per = row.get("layer_stats_totals") or {}
+        if not per:
+            continue
+        out.append(f"- hybrid xthroughput {row['size']}: lost {row.get('lost', 0)} of "
+                   f"{row.get('of', 0)} sent over all runs; hybrid_layer's counters over all "
+                   "runs: " + "; ".join(f"{k} {v}" for k, v in sorted(per.items())))
+    if out:
+        out.append("")
+    return out
 
 
 def text_table(summary: dict[str, Any], meta: dict[str, Any]) -> str:

@@ -19,6 +19,13 @@ Protocol, seen from a worker::
 
 Every wait is bounded: a role that stops making progress for ``stall_s`` is cancelled and
 reports what it had (the loss is then visible in its counters).
+
+Most workers are ``multiprocessing`` spawn children of the orchestrator. Workers of a
+layer that cannot share the orchestrator's virtualenv (channels_rabbitmq needs pamqp 3,
+hybrid_layer's aiormq needs pamqp 4) run this file as a script under another interpreter,
+``python bench_worker.py --fd N``: N is their end of the control pipe, and the first
+thing read from it is the spec (a dict). So this module imports nothing but the standard
+library at module level; each layer's package is imported in :func:`_build_layer`.
 """
 
 from __future__ import annotations
@@ -114,6 +121,39 @@ async def close_layer(layer: Any, kind: str, cleanup: bool) -> None:
         await layer.flush()  # unsubscribes and closes its connections
     elif kind == "rabbitmq":
         await layer.close()
+
+
+async def wait_link(layer: Any, timeout: float, ctl: Control) -> None:
+    """hybrid broker mode: return once this host's leader reports its RabbitMQ link up
+    (``statistics().broker["link"] == "up"``), so the first measured message does not
+    race the leader's connect. Raises ``TimeoutError`` (the worker then reports an error
+    before "ready") if it is not up within ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    state = "?"
+    while time.monotonic() < deadline and not ctl.stop_event.is_set():
+        state = layer.statistics().broker.get("link", "none")
+        if state == "up":
+            return
+        await asyncio.sleep(0.01)
+    raise TimeoutError(f"RabbitMQ link of this host not up within {timeout:.0f}s ({state})")
+
+
+def hybrid_stats(layer: Any) -> dict[str, Any]:
+    """What hybrid_layer itself counted in this process (explains losses)."""
+    try:
+        s = layer.statistics()
+    except Exception as exc:  # closed or never attached
+        return {"error": f"{type(exc).__name__}: {exc}"[:200]}
+    out: dict[str, Any] = {
+        "is_leader": s.is_leader, "sent": s.sent, "received": s.received,
+        "raised": {k: v for k, v in s.raised.items() if v},
+        "dropped": {k: v for k, v in s.dropped.items() if v},
+    }
+    if s.broker:
+        keep = ("link", "link_changes", "published", "confirmed", "returned", "received",
+                "reconnects", "outbound", "in_flight")
+        out["broker"] = {k: s.broker[k] for k in keep if k in s.broker}
+    return out
 
 
 def channel_full_types() -> tuple[type[BaseException], ...]:
@@ -540,6 +580,8 @@ async def _run(spec: Spec, conn: Any) -> None:
     layer = None
     try:
         layer = build_layer(spec.layer)
+        if p.get("wait_link"):
+            await wait_link(layer, p["wait_link"], ctl)
         task = asyncio.create_task(ROLES[spec.role](layer, ctl, p, st))
         stop_wait = asyncio.create_task(ctl.stop_event.wait())
         stall_ns = int(p["stall_s"] * 1e9)
@@ -590,6 +632,10 @@ async def _run(spec: Spec, conn: Any) -> None:
         await asyncio.wait_for(ctl.close_event.wait(), p["close_wait_s"])
     except TimeoutError:
         closed["close_signal_timeout"] = True
+    if kind == "hybrid" and layer is not None:
+        # every process has finished measuring by now (sinks included), so the counters
+        # include what the leaders did while the consumer was still receiving
+        closed["layer_stats"] = hybrid_stats(layer)
     if layer is not None:
         t = perf_ns()
         try:
@@ -619,3 +665,26 @@ def main(spec: Spec, conn: Any) -> None:
         raise
     finally:
         conn.close()
+
+
+def script_main(argv: list[str] | None = None) -> int:
+    """``python bench_worker.py --fd N``: a worker under another interpreter."""
+    import argparse
+    from multiprocessing.connection import Connection
+
+    ap = argparse.ArgumentParser(description="bench.py worker (started by bench.py)")
+    ap.add_argument("--fd", type=int, required=True, help="control pipe file descriptor")
+    args = ap.parse_args(argv)
+    conn = Connection(args.fd)
+    try:
+        raw = conn.recv()
+    except (EOFError, OSError):
+        return 1
+    main(Spec(**raw), conn)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(script_main())

@@ -112,6 +112,7 @@ class Participant:
         self._interest_epoch = -1
         self._link_up_seen = False  # for on_disconnect / on_reconnect
         self._gap_told = False
+        self._up_mark = (-1, -1)  # (leader epoch, link changes) when last seen up
         self.closed = False
         self.host = HostThread(self)
         self.host.start()
@@ -370,12 +371,23 @@ class Participant:
         cfg = self.cfg
         if not (cfg.on_disconnect or cfg.on_reconnect):
             return
-        state = self.ns.link_state()[0]
+        ld = self.ns.leader()
+        state, _, changes = self.ns.link_state()
+        if self.ns.leader() != ld:
+            return  # the leader is changing: look again next tick
         if state == L.LINK_UP:
+            mark = (ld.epoch, changes)
+            same_leader = self._up_mark[0] == ld.epoch
+            if self._link_up_seen and not self._gap_told and same_leader and self._up_mark != mark:
+                # down and up again between two looks (a tick): a gap all the same
+                self._gap_told = True
+                if cfg.on_disconnect:
+                    self._tell_group_members(cfg.on_disconnect)
             if self._gap_told and cfg.on_reconnect:
                 self._tell_group_members(cfg.on_reconnect)
             self._gap_told = False
             self._link_up_seen = True
+            self._up_mark = mark
         elif self._link_up_seen and not self._gap_told and state != L.LINK_CONNECTING:
             self._gap_told = True
             if cfg.on_disconnect:

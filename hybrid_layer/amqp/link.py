@@ -29,10 +29,12 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import aiormq
+import msgspec
 from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 
 from .._log import limited
+from ..envelope import decode_message
 from ..shm import layout as L
 from ..shm.groupset import name_hash
 from ..shm.registry import FULL_CHANNEL, FULL_RING, OK
@@ -474,7 +476,9 @@ class Link:
         c = self.p.counters
         try:
             frame = wire.decode(msg.body, self.crypter)
-        except wire.WireError as exc:
+            # a payload the receiver could not decode would raise in its receive()
+            decode_message(frame.payload)
+        except (wire.WireError, msgspec.DecodeError) as exc:
             c.dropped_malformed += 1
             limited.warning(
                 "malformed", "hybrid_layer: malformed message from the broker dropped: %s", exc

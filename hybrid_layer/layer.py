@@ -201,6 +201,17 @@ class HybridChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             )
 
     async def close(self) -> None:
+        p = self._participant
+        loop = p.host.loop if p is not None else None
+        if p is not None and self._pid == os.getpid() and self.config.broker and loop is not None:
+            # publish what other hosts still have to get without blocking this loop
+            fut = asyncio.run_coroutine_threadsafe(p._close_link(), loop)
+            try:
+                await asyncio.wait_for(asyncio.wrap_future(fut), 6)
+            except Exception:
+                logging.getLogger("hybrid_layer").exception(
+                    "hybrid_layer: closing the RabbitMQ link failed"
+                )
         self.close_sync()
 
     def close_sync(self) -> None:

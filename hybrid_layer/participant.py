@@ -141,7 +141,9 @@ class Participant:
         addr = dest.address
         if dest.route is Route.UNROUTABLE:
             if addr is not None and self.cfg.broker:  # another host's process channel
-                return self.hand_off(L.KIND_OUT_DIRECT, channel, msg, expires_at, addr.host_id)
+                return self.hand_off(
+                    L.KIND_OUT_DIRECT, channel, msg, expires_at, f"h:{addr.host_id}"
+                )
             return NO_CHANNEL
         if addr is None or addr.bucket >= self.K:
             return NO_CHANNEL
@@ -215,7 +217,7 @@ class Participant:
             if r != NO_CHANNEL:
                 return r
             # no reader on this host: the channel's shared queue on the broker
-            return self.hand_off(L.KIND_OUT_NORMAL, channel, msg, expires_at, channel)
+            return self.hand_off(L.KIND_OUT_NORMAL, channel, msg, expires_at, f"n:{channel}")
         h = name_hash("n", channel)
         bucket = self.K + h % self.K
         cap = self.capacity_for(channel)
@@ -255,6 +257,8 @@ class Participant:
             r = self.hand_off(L.KIND_OUT_GROUP, group, msg, expires_at, None)
             if r == LINK_DOWN:
                 self.count_link_drop(group)
+            elif r != OK:  # the leader's inbox is full
+                self._count_forward_failure(r, group)
 
     # ================================================================ broker: inbound
     def deliver_group(self, group: str, msg: bytes | memoryview, expires_at: float) -> None:
@@ -341,6 +345,20 @@ class Participant:
                 return True
         return False
 
+    def normal_room(self, channel: str) -> int:
+        """OK if a reader of ``channel`` on this host has room for one more message,
+        FULL_CHANNEL if they are all full, NO_CHANNEL if there is none."""
+        h = name_hash("n", channel)
+        readers = self.ns.slots_with(h)
+        if not readers:
+            return NO_CHANNEL
+        bucket = self.K + h % self.K
+        cap = self.capacity_for(channel)
+        for sv in readers:
+            if sv.pending(bucket) < cap:
+                return OK
+        return FULL_CHANNEL
+
     def normal_name(self, h: int) -> str | None:
         return self.normal_names.get(h)
 
@@ -351,15 +369,16 @@ class Participant:
         from .amqp.link import Link
 
         assert self.host.loop is not None
-        for name in self.readers:
-            self.normal_names[name_hash("n", name)] = name
         link = Link(self, self.host.loop)
         with self.lock:
+            for name in self.readers:
+                self.normal_names[name_hash("n", name)] = name
+            # what was handed over before the link existed goes first, in order: no
+            # hand-off can slip in between, they all take this lock while link is None
+            link.out.extend(self.early_out)
+            self.early_out.clear()
             self.link = link
-            early, self.early_out = self.early_out, deque()
-        for item in early:  # handed over before the link existed, in order
-            if not link.submit(*item):
-                self.count_link_drop(item[1])
+        link.submit_kick()
         # every process tells the new leader the names of the normal channels it reads
         for i in self.ns.live_slots():
             sv = self.ns.slot(i)
@@ -713,9 +732,9 @@ class Participant:
         key: str | None = None
         if rec.kind == L.KIND_OUT_DIRECT:
             addr = names.parse(name)
-            key = addr.host_id if addr is not None else None
+            key = f"h:{addr.host_id}" if addr is not None else None
         elif rec.kind == L.KIND_OUT_NORMAL:
-            key = name
+            key = f"n:{name}"
         link = self.link
         if link is not None and self.ns.is_leader:
             if link.submit(rec.kind, name, bytes(rec.message), rec.expires_at, key):
@@ -723,7 +742,7 @@ class Participant:
             self.count_link_drop(name)
             return
         # leadership moved on since the sender looked: pass it to the current leader
-        r = self.hand_off(rec.kind, name, rec.message, rec.expires_at, None)
+        r = self.hand_off(rec.kind, name, rec.message, rec.expires_at, key)
         if r == LINK_DOWN:
             self.count_link_drop(name)
         elif r != OK:
@@ -997,9 +1016,10 @@ class Participant:
         if self.link is None and self.early_out and self.ns.is_leader:
             self.start_link()  # messages handed over before the link started
         self.link_closed = True
-        link, self.link = self.link, None
+        link = self.link
         if link is not None:
-            await link.aclose()
+            await link.aclose()  # hand-offs keep reaching it until it stops taking them
+            self.link = None
         if self.early_out:
             self.counters.dropped_link_down += len(self.early_out)
             self.early_out.clear()
@@ -1082,6 +1102,9 @@ class HostThread(threading.Thread):
                     p.forward_parked()
                     p.unpark_idle()
             link = p.link
+            if link is None and p.cfg.broker and p.ns.is_leader and not p.link_closed:
+                p.start_link()  # (a failed start is retried here)
+                link = p.link
             if link is not None:
                 link.expire_full_flags()
                 if p.interest_changed():

@@ -33,11 +33,12 @@ import msgspec
 from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 
+from .. import names
 from .._log import limited
 from ..envelope import decode_message
 from ..shm import layout as L
 from ..shm.groupset import name_hash
-from ..shm.registry import FULL_CHANNEL, FULL_RING, OK
+from ..shm.registry import NO_CHANNEL, OK
 from . import wire
 
 if TYPE_CHECKING:
@@ -53,6 +54,7 @@ BACKOFF_MAX = 10.0
 PREFETCH = 256  # unacknowledged deliveries from normal-channel queues
 HOST_PREFETCH = 1000  # ... from the host queue (at most remote_capacity)
 DECLARE_AGAIN = 60.0  # re-declare a normal queue we publish to (keeps x-expires away)
+NORMAL_PAUSE = 0.05  # stop consuming a normal queue this long when its readers are full
 
 KIND_TO_WIRE = {
     L.KIND_OUT_DIRECT: wire.DIRECT,
@@ -106,6 +108,7 @@ class Link:
         self.bound: set[int] = set()
         self.consuming: dict[int, str] = {}  # normal hash -> consumer tag
         self.declared: dict[int, float] = {}  # normal hash -> when we declared it
+        self.paused: dict[int, float] = {}  # normal hash -> consume again after
         self.full: dict[str, float] = {}  # destination key -> flagged at (monotonic)
         self.syncs = 0
         self._ack_tag = 0
@@ -131,6 +134,13 @@ class Link:
                 with contextlib.suppress(RuntimeError):
                     self.loop.call_soon_threadsafe(self._wake.set)
         return True
+
+    def submit_kick(self) -> None:
+        """Wake the publisher for messages put into ``out`` directly."""
+        if self.out and not self._kicked:
+            self._kicked = True
+            with contextlib.suppress(RuntimeError):
+                self.loop.call_soon_threadsafe(self._wake.set)
 
     def request_sync(self) -> None:
         with contextlib.suppress(RuntimeError):
@@ -269,9 +279,16 @@ class Link:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(conn.close(), 1.0)
 
+    def _take_all(self) -> int:
+        n = 0
+        with contextlib.suppress(IndexError):
+            while True:
+                self.out.popleft()
+                n += 1
+        return n
+
     def _drop_outbound(self, why: str) -> None:
-        n = len(self.out)
-        self.out.clear()
+        n = self._take_all()
         if n:
             self.p.counters.dropped_link_down += n
             limited.warning("link-drop", "hybrid_layer: %d outbound messages dropped: %s", n, why)
@@ -287,8 +304,17 @@ class Link:
             asyncio.ensure_future(self._syncer()),
         ]
         closing = conn.closing  # an observer: each access makes a new one
+        # a channel error closes only that channel (its consumer too): treat it like a
+        # lost connection, or the link would look up while half dead
+        ch_closings = [self.ch.closing, self.nch.closing]
         try:
-            done, _ = await asyncio.wait([*tasks, closing], return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                [*tasks, closing, *ch_closings], return_when=asyncio.FIRST_COMPLETED
+            )
+            for c in ch_closings:
+                if c in done and not self.closing:
+                    exc = c.exception() if not c.cancelled() else None
+                    raise ConnectionError(f"AMQP channel closed: {exc!r}")
             for t in tasks:
                 # a task that ended cancelled had a call failed by the dying connection
                 if t in done and not t.cancelled() and t.exception() is not None:
@@ -334,7 +360,11 @@ class Link:
             delivery_mode=1, expiration=str(max(1, int(remaining * 1000)))
         )
         if wkind == wire.DIRECT:
-            exchange, rk, mandatory = "", host_queue(cfg.prefix, key or ""), True
+            addr = names.parse(name)
+            if addr is None:
+                self.p.counters.dropped_no_channel += 1
+                return
+            exchange, rk, mandatory = "", host_queue(cfg.prefix, addr.host_id), True
         elif wkind == wire.GROUP:
             exchange, rk, mandatory = (
                 cfg.groups_exchange,
@@ -414,9 +444,26 @@ class Link:
         }
 
     async def _declare_normal(self, h: int, channel: str) -> None:
-        await self.ch.queue_declare(
-            normal_queue(self.cfg.prefix, h), arguments=self._normal_args(channel)
-        )
+        """Declare a normal channel's shared queue on a channel of its own: a host with
+        other ``capacity``/``expiry`` settings (a rolling config change) makes this fail
+        with PRECONDITION_FAILED, which must not take the link down."""
+        name = normal_queue(self.cfg.prefix, h)
+        tmp = await self.conn.channel(publisher_confirms=False)
+        try:
+            await tmp.queue_declare(name, arguments=self._normal_args(channel))
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            limited.warning(
+                "declare-mismatch",
+                "hybrid_layer: queue %s of normal channel %r exists with other arguments "
+                "(hosts disagree on capacity/expiry?); using it as it is: %s",
+                name,
+                channel,
+                exc,
+            )
+        finally:
+            if not tmp.is_closed:
+                with contextlib.suppress(Exception):
+                    await tmp.close()
         self.declared[h] = time.monotonic()
 
     # ---------------------------------------------------------------- bindings
@@ -452,19 +499,24 @@ class Link:
             name = self.p.normal_name(h)
             if name is None:
                 continue  # its reader has not told us the name yet
-            await self.nch.queue_declare(
-                normal_queue(cfg.prefix, h), arguments=self._normal_args(name)
-            )
+            if time.monotonic() < self.paused.get(h, 0.0):
+                continue  # its readers here are full: let other hosts' readers have it
+            await self._declare_normal(h, name)
             ok = await self.nch.basic_consume(normal_queue(cfg.prefix, h), self._on_normal_message)
             self.consuming[h] = ok.consumer_tag
         for h in set(self.consuming) - normals:
             tag = self.consuming.pop(h)
             await self.nch.basic_cancel(tag)
+        if self.paused:
+            now = time.monotonic()
+            for h, until in list(self.paused.items()):
+                if until <= now:
+                    del self.paused[h]
         self._bump_syncs()
 
     async def _purge(self) -> None:
         """flush(): empty what this host owns on the broker."""
-        self.out.clear()
+        self.p.counters.dropped_flushed += self._take_all()
         with contextlib.suppress(Exception):
             await self.ch.queue_purge(self.queue)
         for h in set(self.consuming) | set(self.declared):
@@ -522,23 +574,37 @@ class Link:
             limited.warning("malformed", "hybrid_layer: normal-channel frame on the host queue")
 
     async def _on_normal_message(self, msg: DeliveredMessage) -> None:
+        """One message from a normal channel's shared queue.
+
+        Acknowledged *before* it is written into a reader's inbox, so that a lost link
+        can never make the broker deliver it twice. When this host's readers have no
+        room it is rejected back to the queue (where ``capacity`` applies and other
+        hosts' readers can take it) and the consumer pauses for a moment.
+        """
         got = self._frame(msg)
         tag = msg.delivery.delivery_tag
         ch = msg.channel
         if got is None or got[0].kind != wire.NORMAL:
             if got is not None:
                 self.p.counters.dropped_malformed += 1
-            await ch.basic_ack(tag)
+            await ch.basic_ack(tag, wait=False)
             return
         frame, expires_at = got
+        room = self.p.normal_room(frame.name)
+        if room != OK:
+            await ch.basic_reject(tag, requeue=True, wait=False)
+            h = name_hash("n", frame.name)
+            self.paused[h] = time.monotonic() + (NORMAL_PAUSE if room != NO_CHANNEL else 1.0)
+            tag_c = self.consuming.pop(h, None)
+            if tag_c is not None:
+                with contextlib.suppress(Exception):
+                    await self.nch.basic_cancel(tag_c)
+            self.loop.call_later(NORMAL_PAUSE, self._sync_wanted.set)
+            return
+        await ch.basic_ack(tag, wait=False)
         r = self.p.deliver_normal(frame.name, frame.payload, expires_at)
-        if r == OK or r in (FULL_CHANNEL, FULL_RING):
-            if r != OK:
-                self.p.counters.dropped_full += 1
-                limited.warning("fwd-full", "hybrid_layer: copy for %r dropped: full", frame.name)
-            await ch.basic_ack(tag)
-        else:  # our reader left: let another host's reader have it
-            await ch.basic_reject(tag, requeue=True)
+        if r != OK:  # the room went in the meantime: dropped, counted
+            self.p._count_forward_failure(r, frame.name)
 
     # ================================================================ close
     async def aclose(self, linger: float = 2.0) -> None:
@@ -553,10 +619,7 @@ class Link:
         with contextlib.suppress(BaseException):
             await self.task
         await self._drop_connection()
-        left = len(self.out)
-        self.out.clear()
-        if left:
-            self.p.counters.dropped_link_down += left
+        self.p.counters.dropped_link_down += self._take_all()
         self._set_state(L.LINK_NONE)
 
     def info(self) -> dict[str, Any]:

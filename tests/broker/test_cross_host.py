@@ -201,6 +201,42 @@ class TestNormalChannels:
                 r.close()
             delete_queues(broker_url, [normal_queue_name(ns_prefix, "later")])
 
+    def test_busy_reader_host_pushes_back_to_the_broker(
+        self, hosts: HostsFactory, broker_url: str, ns_prefix: str
+    ) -> None:
+        """Readers full on their host: messages stay on the broker (capacity applies
+        there, senders get ChannelFull), none lost or doubled, order kept."""
+        hs = hosts({"ha": 2, "hb": 1}, capacity=5)
+        reader = next(r for r in hs["ha"] if not r.call("internals")["is_leader"])
+        try:
+            reader.call("collect", "busy", 1)  # a receive: its host consumes "busy"
+            time.sleep(0.3)
+            os.kill(reader.pid, signal.SIGSTOP)
+            try:
+                sent = 0
+                for i in range(60):
+                    n = hs["hb"][0].call("send_many", "busy", [{"type": "j", "i": i}])
+                    if n == 0:
+                        break
+                    sent += 1
+                    time.sleep(0.01)
+                st = hs["hb"][0].call("stats")
+                assert st.raised["full"] == 1  # the broker pushed back
+                accepted = sent - st.dropped["remote_full"]
+                assert 5 <= accepted <= 15  # 5 on the reader's host, <= 5 queued, in flight
+            finally:
+                os.kill(reader.pid, signal.SIGCONT)
+            got = reader.call("receive_many", "busy", accepted - 1, 10.0)
+            first = reader.call("wait_collected", "busy", 5.0)
+            seq = [m["i"] for m in first + got]
+            assert seq == sorted(seq) and len(set(seq)) == accepted  # in order, once each
+            with pytest.raises(RemoteError, match="Timeout"):
+                reader.call("receive", "busy", 0.3)
+        finally:
+            for _, r in _all(hs):
+                r.close()
+            delete_queues(broker_url, [normal_queue_name(ns_prefix, "busy")])
+
     def test_expiry_applies_on_the_broker(
         self, hosts: HostsFactory, broker_url: str, ns_prefix: str
     ) -> None:

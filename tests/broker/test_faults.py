@@ -291,18 +291,21 @@ def test_on_disconnect_and_on_reconnect_reach_group_members(
     a[0].call("group_add", "other", other)
     env.assert_cross_host("before")
 
-    assert proxy.cut() == 1
-    t0 = time.monotonic()
     down = {"type": "link.down", "host_id": "ha"}
     up = {"type": "link.up", "host_id": "ha"}
-    assert env.member.call("receive", env.room, 5) == down
-    assert a[0].call("receive", other, 5) == down
-    assert env.member.call("receive", env.room, 10) == up
-    assert a[0].call("receive", other, 5) == up
-    print(f"cut: told down and up again within {time.monotonic() - t0:.2f}s")
+    # a cut link is back within ~0.1-0.2 s: about a host-thread tick (0.1 s), so a few
+    # times over, each gap must be told however short
+    for _ in range(5):
+        assert proxy.cut() == 1
+        t0 = time.monotonic()
+        assert env.member.call("receive", env.room, 5) == down
+        assert a[0].call("receive", other, 5) == down
+        assert env.member.call("receive", env.room, 10) == up
+        assert a[0].call("receive", other, 5) == up
+        print(f"cut: told down and up again within {time.monotonic() - t0:.2f}s")
+        assert_nothing(a[0], other, 0.1)  # once each
+        assert_nothing(env.member, env.room, 0.1)
     assert_nothing(a[0], plain)
-    assert_nothing(a[0], other, 0.1)  # once each
-    assert_nothing(env.member, env.room, 0.1)
     env.wait_recovered(5)
     env.assert_cross_host("after")
 

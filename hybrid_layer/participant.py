@@ -187,7 +187,10 @@ class Participant:
                     link = self.link
                 if key is not None and key in link.full:
                     return FULL_CHANNEL
-                return OK if link.submit(kind, name, bytes(msg), expires_at, key) else LINK_DOWN
+                if link.busy:
+                    return FULL_RING  # send() backs off for up to 0.5 s
+                got = link.submit(kind, name, bytes(msg), expires_at, key)
+                return OK if got == 0 else LINK_DOWN if got == 1 else FULL_RING
             sv = self.ns.slot(ld.slot) if ld.slot >= 0 else None
             if sv is not None:
                 state = self.ns.link_state()[0]
@@ -195,6 +198,8 @@ class Participant:
                     return LINK_DOWN
                 if key is not None and sv.groups.maybe_contains(name_hash("f", key)):
                     return FULL_CHANNEL
+                if self.ns.link_busy():
+                    return FULL_RING  # send() backs off for up to 0.5 s
                 r = self.ns.write(sv, ld.gen, kind, name.encode(), expires_at, msg, -1, 0, True)
                 if r != NO_CHANNEL:
                     return r
@@ -737,9 +742,17 @@ class Participant:
             key = f"n:{name}"
         link = self.link
         if link is not None and self.ns.is_leader:
-            if link.submit(rec.kind, name, bytes(rec.message), rec.expires_at, key):
-                return
-            self.count_link_drop(name)
+            got = link.submit(rec.kind, name, bytes(rec.message), rec.expires_at, key)
+            if got == 1:
+                self.count_link_drop(name)
+            elif got == 2:
+                self.counters.dropped_full += 1
+                limited.warning(
+                    "out-full",
+                    "hybrid_layer: message for %r (another host) dropped: the leader's "
+                    "outbound queue is full (the broker does not keep up)",
+                    name,
+                )
             return
         # leadership moved on since the sender looked: pass it to the current leader
         r = self.hand_off(rec.kind, name, rec.message, rec.expires_at, key)

@@ -47,7 +47,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("hybrid_layer")
 
 MAX_IN_FLIGHT = 4096  # publishes awaiting a confirm
-MAX_OUTBOUND = 20_000  # handed over, not yet published (bounded while connecting)
+MAX_OUTBOUND = 20_000  # handed over, not yet published: beyond it, dropped and counted
+HIGH_WATER = 2_000  # over it, senders are told to wait (LQ_BUSY): send() backs off,
+LOW_WATER = 500  # then raises ChannelFull after 0.5 s; under it, they go on
+#: submit() results
+SUBMITTED, REFUSED_DOWN, REFUSED_FULL = 0, 1, 2
 FULL_HOLD = 0.2  # seconds a destination stays "full" after a nack
 BACKOFF_MIN = 0.1
 BACKOFF_MAX = 10.0
@@ -111,6 +115,7 @@ class Link:
         self.paused: dict[int, float] = {}  # normal hash -> consume again after
         self.full: dict[str, float] = {}  # destination key -> flagged at (monotonic)
         self.syncs = 0
+        self.busy = False
         self._ack_tag = 0
         self._ack_scheduled = False
         self.closing = False
@@ -121,11 +126,18 @@ class Link:
     # ================================================================ any thread
     def submit(
         self, kind: int, name: str, payload: bytes, expires_at: float, key: str | None
-    ) -> bool:
-        """Queue one outbound message; False (caller counts a drop) if it cannot be."""
-        if self.closing or self.state == L.LINK_DOWN or len(self.out) >= MAX_OUTBOUND:
-            return False
-        self.out.append((kind, name, payload, expires_at, key))
+    ) -> int:
+        """Queue one outbound message: SUBMITTED, or REFUSED_DOWN / REFUSED_FULL (the
+        caller counts the drop)."""
+        if self.closing or self.state == L.LINK_DOWN:
+            return REFUSED_DOWN
+        out = self.out
+        if len(out) >= MAX_OUTBOUND:
+            return REFUSED_FULL
+        out.append((kind, name, payload, expires_at, key))
+        if len(out) >= HIGH_WATER and not self.busy:
+            self.busy = True
+            self.p.ns.link_set(L.LQ_BUSY, 1)
         if not self._kicked:
             self._kicked = True
             if threading.get_ident() == self.thread_id:
@@ -133,7 +145,7 @@ class Link:
             else:
                 with contextlib.suppress(RuntimeError):
                     self.loop.call_soon_threadsafe(self._wake.set)
-        return True
+        return SUBMITTED
 
     def submit_kick(self) -> None:
         """Wake the publisher for messages put into ``out`` directly."""
@@ -285,6 +297,9 @@ class Link:
             while True:
                 self.out.popleft()
                 n += 1
+        if self.busy:
+            self.busy = False
+            self.p.ns.link_set(L.LQ_BUSY, 0)
         return n
 
     def _drop_outbound(self, why: str) -> None:
@@ -343,6 +358,9 @@ class Link:
                     self._room.clear()
                     await self._room.wait()
                 kind, name, payload, expires_at, key = out.popleft()
+                if self.busy and len(out) <= LOW_WATER:
+                    self.busy = False
+                    self.p.ns.link_set(L.LQ_BUSY, 0)
                 await self._publish(kind, name, payload, expires_at, key)
 
     async def _publish(

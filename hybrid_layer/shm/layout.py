@@ -84,6 +84,7 @@ REG_LINK_OFFSET = 448
 LQ_STATE = 0  # LINK_* below
 LQ_SYNCS = 1  # binding syncs completed
 LQ_SYNCS_STARTED = 3  # binding syncs started (a group_add waits for one started after it)
+LQ_BUSY = 4  # 1 while the leader's outbound queue is over its high-water mark
 LQ_CHANGES = 2  # link state changes (participants notice drops and recoveries)
 LINK_NONE = 0  # single host, or no leader link yet
 LINK_DOWN = 1

@@ -572,6 +572,13 @@ class Namespace:
         q = self.reg_all_q
         return q[base + L.LQ_STATE], q[base + L.LQ_SYNCS], q[base + L.LQ_CHANGES]
 
+    def link_busy(self) -> bool:
+        """The leader's outbound queue is over its high-water mark: senders wait."""
+        ld = self.leader()
+        if ld.slot < 0 or self.reg is None:
+            return False
+        return bool(self.reg_all_q[self._link_base(ld.slot) + L.LQ_BUSY])
+
     def link_syncs_started(self) -> int:
         ld = self.leader()
         if ld.slot < 0 or self.reg is None:

@@ -71,7 +71,7 @@ class LayerConfig:
     groups_exchange: str = "groups"
     encryption_keys: tuple[bytes, ...] = ()
     remote_capacity: int = 100_000
-    heartbeat: int = 10
+    heartbeat: int = 5
     connect_timeout: float = 5.0
     on_disconnect: str | None = None
     on_reconnect: str | None = None

@@ -101,7 +101,9 @@ class LayerConfig:
         )
 
 
-def _number(key: str, value: Any, *, minimum: float, integer: bool = False) -> Any:
+def _number(
+    key: str, value: Any, *, minimum: float, integer: bool = False, maximum: float | None = None
+) -> Any:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"CONFIG[{key!r}] must be a number, got {value!r}")
     if not math.isfinite(value):
@@ -110,6 +112,8 @@ def _number(key: str, value: Any, *, minimum: float, integer: bool = False) -> A
         raise ValueError(f"CONFIG[{key!r}] must be a whole number, got {value!r}")
     if value < minimum:
         raise ValueError(f"CONFIG[{key!r}] must be at least {minimum}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"CONFIG[{key!r}] must be at most {maximum}, got {value!r}")
     return value
 
 
@@ -187,22 +191,21 @@ def parse_config(raw: Mapping[str, Any] | None = None, **kwargs: Any) -> LayerCo
         )
     out["ring_bytes"] = ring
     if "max_participants" in values:
-        mp = _number("max_participants", values["max_participants"], minimum=2, integer=True)
-        if mp > 1024:
-            raise ValueError(f"CONFIG['max_participants'] must be at most 1024, got {mp}")
-        out["max_participants"] = mp
-    if "channel_buckets" in values:
-        cb = _number("channel_buckets", values["channel_buckets"], minimum=16, integer=True)
-        if cb > 1 << 20:
-            raise ValueError(f"CONFIG['channel_buckets'] must be at most 1048576, got {cb}")
-        out["channel_buckets"] = cb
-    if "max_groups_per_process" in values:
-        mg = _number(
-            "max_groups_per_process", values["max_groups_per_process"], minimum=16, integer=True
+        out["max_participants"] = _number(
+            "max_participants", values["max_participants"], minimum=2, maximum=1024, integer=True
         )
-        if mg > 1 << 22:
-            raise ValueError(f"CONFIG['max_groups_per_process'] must be at most 4194304, got {mg}")
-        out["max_groups_per_process"] = mg
+    if "channel_buckets" in values:
+        out["channel_buckets"] = _number(
+            "channel_buckets", values["channel_buckets"], minimum=16, maximum=1 << 20, integer=True
+        )
+    if "max_groups_per_process" in values:
+        out["max_groups_per_process"] = _number(
+            "max_groups_per_process",
+            values["max_groups_per_process"],
+            minimum=16,
+            maximum=1 << 22,
+            integer=True,
+        )
     if "shm_dir" in values:
         if not isinstance(values["shm_dir"], str) or not values["shm_dir"].startswith("/"):
             raise ValueError(
@@ -291,10 +294,9 @@ def _broker(values: Mapping[str, Any]) -> dict[str, Any]:
             "remote_capacity", values["remote_capacity"], minimum=1, integer=True
         )
     if "heartbeat" in values:
-        hb = _number("heartbeat", values["heartbeat"], minimum=0, integer=True)
-        if hb > 3600:
-            raise ValueError(f"CONFIG['heartbeat'] must be at most 3600 seconds, got {hb}")
-        out["heartbeat"] = hb
+        out["heartbeat"] = _number(
+            "heartbeat", values["heartbeat"], minimum=0, maximum=3600, integer=True
+        )
     if "connect_timeout" in values:
         out["connect_timeout"] = float(
             _number("connect_timeout", values["connect_timeout"], minimum=0.1)

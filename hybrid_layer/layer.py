@@ -17,6 +17,7 @@ import time
 import weakref
 from typing import Any, ClassVar
 
+import msgspec
 from channels.layers import BaseChannelLayer
 
 from ._log import limited
@@ -24,11 +25,11 @@ from .config import LayerConfig, parse_config
 from .envelope import decode_message, encode_message
 from .errors import ChannelFull, LayerClosed, MessageTooLarge
 from .names import parse
-from .participant import LINK_DOWN, Participant
+from .participant import LINK_CLOSE_WAIT, Participant
 from .shm import layout as L
 from .shm.groupset import name_hash
 from .shm.layout import STATS_FIELDS
-from .shm.registry import FULL_RING, NO_CHANNEL, OK
+from .shm.registry import FULL_RING, LINK_DOWN, NO_CHANNEL, OK
 from .stats import ChannelStatistics, Statistics, broker_counts, split
 
 _monotonic = time.monotonic
@@ -141,24 +142,36 @@ class HybridChannelLayer(BaseChannelLayer):  # type: ignore[misc]
     async def receive(self, channel: str) -> dict[str, Any]:
         self.require_valid_channel_name(channel)
         p = self._p()
-        item = p.take(channel)
-        if item is None:
-            if "!" not in channel:
-                p.ensure_reader(channel)
-            p.drain(asyncio.get_running_loop())
+        while True:
             item = p.take(channel)
-            loop = None
-            while item is None:
-                if loop is None:
-                    loop = asyncio.get_running_loop()
-                fut: asyncio.Future[None] = loop.create_future()
-                p.add_waiter(channel, loop, fut)
-                try:
-                    await fut
-                finally:
-                    p.remove_waiter(channel, loop, fut)
+            if item is None:
+                if "!" not in channel:
+                    p.ensure_reader(channel)
+                p.drain(asyncio.get_running_loop())
                 item = p.take(channel)
-        return decode_message(memoryview(item.body)[item.name_len :])
+                loop = None
+                while item is None:
+                    if loop is None:
+                        loop = asyncio.get_running_loop()
+                    fut: asyncio.Future[None] = loop.create_future()
+                    p.add_waiter(channel, loop, fut)
+                    try:
+                        await fut
+                    finally:
+                        p.remove_waiter(channel, loop, fut)
+                    item = p.take(channel)
+            try:
+                return decode_message(memoryview(item.body)[item.name_len :])
+            except msgspec.DecodeError as exc:  # a well-framed record that is no message
+                c = p.counters
+                c.received -= 1
+                c.dropped_malformed += 1
+                limited.warning(
+                    "undecodable",
+                    "hybrid_layer: undecodable message for %r dropped: %s",
+                    channel,
+                    exc,
+                )
 
     # ------------------------------------------------------------------ groups
     async def group_add(self, group: str, channel: str) -> None:
@@ -202,12 +215,10 @@ class HybridChannelLayer(BaseChannelLayer):  # type: ignore[misc]
 
     async def close(self) -> None:
         p = self._participant
-        loop = p.host.loop if p is not None else None
-        if p is not None and self._pid == os.getpid() and self.config.broker and loop is not None:
-            # publish what other hosts still have to get without blocking this loop
-            fut = asyncio.run_coroutine_threadsafe(p._close_link(), loop)
+        fut = p.close_link_soon() if p is not None and self._pid == os.getpid() else None
+        if fut is not None:  # publish what other hosts still have to get, not blocking
             try:
-                await asyncio.wait_for(asyncio.wrap_future(fut), 6)
+                await asyncio.wait_for(asyncio.wrap_future(fut), LINK_CLOSE_WAIT)
             except Exception:
                 logging.getLogger("hybrid_layer").exception(
                     "hybrid_layer: closing the RabbitMQ link failed"

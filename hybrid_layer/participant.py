@@ -26,6 +26,7 @@ Threading: ``lock`` guards queues, waiters, groups and the owner's bucket counte
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -43,7 +44,15 @@ from .errors import LayerClosed
 from .routing import Action, GroupTable, Route, route
 from .shm import layout as L
 from .shm.groupset import TAG_GROUP, TAG_NORMAL, name_hash
-from .shm.registry import FULL_CHANNEL, FULL_RING, NO_CHANNEL, OK, Namespace, SlotView
+from .shm.registry import (
+    FULL_CHANNEL,
+    FULL_RING,
+    LINK_DOWN,
+    NO_CHANNEL,
+    OK,
+    Namespace,
+    SlotView,
+)
 from .shm.ring import RingCorrupt
 from .stats import Counters
 
@@ -53,10 +62,10 @@ TICK = 0.1  # host thread period: election attempts, housekeeping
 RECLAIM_EVERY = 0.25
 SWEEP_EVERY = 1.0
 _monotonic = time.monotonic
-#: ``send`` result for a cross-host message dropped because the broker link is down
-LINK_DOWN = 10
 #: how long ``group_add`` waits for the leader to bind a new group on the broker
 BIND_WAIT = 2.0
+#: how long close() waits for the link to publish what is queued and close
+LINK_CLOSE_WAIT = 6.0
 #: hand-offs kept while a process that just became leader starts its link
 EARLY_OUT_MAX = 20_000
 
@@ -189,16 +198,14 @@ class Participant:
                     return FULL_CHANNEL
                 if link.busy:
                     return FULL_RING  # send() backs off for up to 0.5 s
-                got = link.submit(kind, name, bytes(msg), expires_at, key)
-                return OK if got == 0 else LINK_DOWN if got == 1 else FULL_RING
+                return link.submit(kind, name, bytes(msg), expires_at, key)
             sv = self.ns.slot(ld.slot) if ld.slot >= 0 else None
             if sv is not None:
-                state = self.ns.link_state()[0]
-                if state not in (L.LINK_UP, L.LINK_CONNECTING):
+                if self.ns.link_get(L.LQ_STATE, ld.slot) not in (L.LINK_UP, L.LINK_CONNECTING):
                     return LINK_DOWN
                 if key is not None and sv.groups.maybe_contains(name_hash("f", key)):
                     return FULL_CHANNEL
-                if self.ns.link_busy():
+                if self.ns.link_get(L.LQ_BUSY, ld.slot):
                     return FULL_RING  # send() backs off for up to 0.5 s
                 r = self.ns.write(sv, ld.gen, kind, name.encode(), expires_at, msg, -1, 0, True)
                 if r != NO_CHANNEL:
@@ -383,7 +390,7 @@ class Participant:
             link.out.extend(self.early_out)
             self.early_out.clear()
             self.link = link
-        link.submit_kick()
+        link.kick()
         # every process tells the new leader the names of the normal channels it reads
         for i in self.ns.live_slots():
             sv = self.ns.slot(i)
@@ -452,7 +459,7 @@ class Participant:
         epoch = self.ns.leader().epoch
         if self.ns.link_state()[0] != L.LINK_UP:
             return
-        target = self.ns.link_syncs_started() + 1
+        target = self.ns.link_get(L.LQ_SYNCS_STARTED, self.ns.leader().slot) + 1
         self.request_sync()
         while _monotonic() < deadline:
             await asyncio.sleep(0.0005)
@@ -743,9 +750,9 @@ class Participant:
         link = self.link
         if link is not None and self.ns.is_leader:
             got = link.submit(rec.kind, name, bytes(rec.message), rec.expires_at, key)
-            if got == 1:
+            if got == LINK_DOWN:
                 self.count_link_drop(name)
-            elif got == 2:
+            elif got == FULL_RING:
                 self.counters.dropped_full += 1
                 limited.warning(
                     "out-full",
@@ -980,12 +987,10 @@ class Participant:
     def close(self) -> None:
         if self.closed:
             return
-        loop = self.host.loop
-        if self.cfg.broker and loop is not None and threading.current_thread() is not self.host:
-            # publish what is still queued for other hosts, then close the connection
-            # (on the host loop, after any start of the link already scheduled there)
+        fut = self.close_link_soon()
+        if fut is not None:
             try:
-                asyncio.run_coroutine_threadsafe(self._close_link(), loop).result(6)
+                fut.result(LINK_CLOSE_WAIT)
             except Exception:
                 log.exception("hybrid_layer: closing the RabbitMQ link failed")
         self.closed = True
@@ -1024,6 +1029,20 @@ class Participant:
                     rloop.call_soon_threadsafe(rloop.remove_reader, bell.fd)
         self.ns.publish_stats(self.counters.values())
         self.ns.detach()
+
+    def close_link_soon(self) -> concurrent.futures.Future[None] | None:
+        """Broker mode: publish what is still queued for other hosts, then close the
+        connection - on the host loop, after any start of the link already scheduled
+        there. ``None`` if there is nothing to close (or we are that loop's thread)."""
+        loop = self.host.loop
+        if (
+            not self.cfg.broker
+            or self.link_closed
+            or loop is None
+            or threading.current_thread() is self.host
+        ):
+            return None
+        return asyncio.run_coroutine_threadsafe(self._close_link(), loop)
 
     async def _close_link(self) -> None:
         if self.link is None and self.early_out and self.ns.is_leader:

@@ -29,16 +29,14 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import aiormq
-import msgspec
 from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 
 from .. import names
 from .._log import limited
-from ..envelope import decode_message
 from ..shm import layout as L
 from ..shm.groupset import name_hash
-from ..shm.registry import NO_CHANNEL, OK
+from ..shm.registry import FULL_RING, LINK_DOWN, NO_CHANNEL, OK
 from . import wire
 
 if TYPE_CHECKING:
@@ -50,8 +48,6 @@ MAX_IN_FLIGHT = 4096  # publishes awaiting a confirm
 MAX_OUTBOUND = 20_000  # handed over, not yet published: beyond it, dropped and counted
 HIGH_WATER = 2_000  # over it, senders are told to wait (LQ_BUSY): send() backs off,
 LOW_WATER = 500  # then raises ChannelFull after 0.5 s; under it, they go on
-#: submit() results
-SUBMITTED, REFUSED_DOWN, REFUSED_FULL = 0, 1, 2
 FULL_HOLD = 0.2  # seconds a destination stays "full" after a nack
 BACKOFF_MIN = 0.1
 BACKOFF_MAX = 10.0
@@ -127,30 +123,28 @@ class Link:
     def submit(
         self, kind: int, name: str, payload: bytes, expires_at: float, key: str | None
     ) -> int:
-        """Queue one outbound message: SUBMITTED, or REFUSED_DOWN / REFUSED_FULL (the
-        caller counts the drop)."""
+        """Queue one outbound message: OK, or LINK_DOWN / FULL_RING (outbound queue
+        full), which the caller counts as a drop or backs off from."""
         if self.closing or self.state == L.LINK_DOWN:
-            return REFUSED_DOWN
+            return LINK_DOWN
         out = self.out
         if len(out) >= MAX_OUTBOUND:
-            return REFUSED_FULL
+            return FULL_RING
         out.append((kind, name, payload, expires_at, key))
         if len(out) >= HIGH_WATER and not self.busy:
             self.busy = True
             self.p.ns.link_set(L.LQ_BUSY, 1)
-        if not self._kicked:
-            self._kicked = True
-            if threading.get_ident() == self.thread_id:
-                self._wake.set()
-            else:
-                with contextlib.suppress(RuntimeError):
-                    self.loop.call_soon_threadsafe(self._wake.set)
-        return SUBMITTED
+        self.kick()
+        return OK
 
-    def submit_kick(self) -> None:
-        """Wake the publisher for messages put into ``out`` directly."""
-        if self.out and not self._kicked:
-            self._kicked = True
+    def kick(self) -> None:
+        """Wake the publisher (once per batch) for what is in ``out``."""
+        if self._kicked:
+            return
+        self._kicked = True
+        if threading.get_ident() == self.thread_id:
+            self._wake.set()
+        else:
             with contextlib.suppress(RuntimeError):
                 self.loop.call_soon_threadsafe(self._wake.set)
 
@@ -546,9 +540,7 @@ class Link:
         c = self.p.counters
         try:
             frame = wire.decode(msg.body, self.crypter)
-            # a payload the receiver could not decode would raise in its receive()
-            decode_message(frame.payload)
-        except (wire.WireError, msgspec.DecodeError) as exc:
+        except wire.WireError as exc:  # (an undecodable payload is dropped by receive())
             c.dropped_malformed += 1
             limited.warning(
                 "malformed", "hybrid_layer: malformed message from the broker dropped: %s", exc

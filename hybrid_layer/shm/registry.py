@@ -39,6 +39,7 @@ OK = 0
 FULL_CHANNEL = 1
 FULL_RING = 2
 NO_CHANNEL = 3
+LINK_DOWN = 4  # broker mode: a message for another host while the leader's link is down
 
 
 class SlotView:
@@ -558,32 +559,18 @@ class Namespace:
         if self.reg is not None and self.me >= 0:
             self.reg_all_q[self._link_base(self.me) + word] = value
 
-    def link_get(self, word: int) -> int:
-        if self.reg is None or self.me < 0:
+    def link_get(self, word: int, i: int | None = None) -> int:
+        """Link word ``word`` of slot ``i`` (default: ours); 0 (LINK_NONE) if no slot."""
+        i = self.me if i is None else i
+        if self.reg is None or i < 0:
             return 0
-        return self.reg_all_q[self._link_base(self.me) + word]
+        return self.reg_all_q[self._link_base(i) + word]
 
     def link_state(self) -> tuple[int, int, int]:
         """The leader's (state, syncs, changes); LINK_NONE without a live leader."""
-        ld = self.leader()
-        if ld.slot < 0 or self.reg is None:
-            return L.LINK_NONE, 0, 0
-        base = self._link_base(ld.slot)
-        q = self.reg_all_q
-        return q[base + L.LQ_STATE], q[base + L.LQ_SYNCS], q[base + L.LQ_CHANGES]
-
-    def link_busy(self) -> bool:
-        """The leader's outbound queue is over its high-water mark: senders wait."""
-        ld = self.leader()
-        if ld.slot < 0 or self.reg is None:
-            return False
-        return bool(self.reg_all_q[self._link_base(ld.slot) + L.LQ_BUSY])
-
-    def link_syncs_started(self) -> int:
-        ld = self.leader()
-        if ld.slot < 0 or self.reg is None:
-            return 0
-        return self.reg_all_q[self._link_base(ld.slot) + L.LQ_SYNCS_STARTED]
+        slot = self.leader().slot
+        g = self.link_get
+        return g(L.LQ_STATE, slot), g(L.LQ_SYNCS, slot), g(L.LQ_CHANGES, slot)
 
     # ------------------------------------------------------------------ stats mirror
     def publish_stats(self, values: tuple[int, ...]) -> None:

@@ -25,14 +25,15 @@ from .config import LayerConfig, parse_config
 from .envelope import decode_message, encode_message
 from .errors import ChannelFull, LayerClosed, MessageTooLarge
 from .names import parse
-from .participant import LINK_CLOSE_WAIT, Participant
+from .participant import LINK_CLOSE_WAIT, Item, Participant
 from .shm import layout as L
 from .shm.groupset import name_hash
-from .shm.layout import STATS_FIELDS
+from .shm.layout import Q_HEAD, Q_TAIL, STATS_FIELDS
 from .shm.registry import FULL_RING, LINK_DOWN, NO_CHANNEL, OK
 from .stats import ChannelStatistics, Statistics, broker_counts, split
 
 _monotonic = time.monotonic
+_perf = time.perf_counter
 LINK_NAMES = {
     L.LINK_NONE: "none",
     L.LINK_DOWN: "down",
@@ -40,9 +41,17 @@ LINK_NAMES = {
     L.LINK_CONNECTING: "connecting",
 }
 _layers: weakref.WeakSet[HybridChannelLayer] = weakref.WeakSet()
+#: bumped in every forked child: a participant belongs to the process that attached it
+#: (cheaper than comparing os.getpid() on every call)
+_fork_gen = 0
+#: names that passed channels' validation (a regex) are not checked again
+VALID_NAMES_MAX = 65536
 
 #: how long ``send`` waits for a live but busy reader to make room in its inbox
 RING_FULL_WAIT = 0.5
+#: receive_spin_us: after this many fruitless spins in a row, skip the next SPIN_BACKOFF
+SPIN_MISSES_MAX = 8
+SPIN_BACKOFF = 64
 #: how long ``flush`` waits for every live process to apply it
 FLUSH_WAIT = 2.0
 
@@ -60,6 +69,11 @@ class HybridChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         self.channel_capacity = list(cfg.channel_capacity)
         self._participant: Participant | None = None
         self._pid = 0
+        self._gen = -1  # _fork_gen when _participant was attached
+        self._valid: set[str] = set()
+        self._spin = cfg.receive_spin_us / 1e6
+        self._spin_misses = 0
+        self._spin_skip = 0
         self._attach_lock = threading.Lock()
         self._closed = False
         _layers.add(self)
@@ -67,7 +81,7 @@ class HybridChannelLayer(BaseChannelLayer):  # type: ignore[misc]
     # ------------------------------------------------------------------ plumbing
     def _p(self) -> Participant:
         p = self._participant
-        if p is not None and self._pid == os.getpid():
+        if p is not None and self._gen == _fork_gen:
             return p
         if self._closed:
             raise LayerClosed("this channel layer was closed; create a new one")
@@ -75,7 +89,16 @@ class HybridChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             if self._participant is None or self._pid != os.getpid():
                 self._participant = Participant(self.config)
                 self._pid = os.getpid()
+            self._gen = _fork_gen
             return self._participant
+
+    def _valid_channel(self, name: str) -> None:
+        """channels' own check (type, length, characters), once per distinct name."""
+        if name not in self._valid:
+            self.require_valid_channel_name(name)
+            if len(self._valid) >= VALID_NAMES_MAX:
+                self._valid.clear()
+            self._valid.add(name)
 
     def _after_fork_in_child(self) -> None:
         p = self._participant
@@ -101,7 +124,8 @@ class HybridChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         return name
 
     async def send(self, channel: str, message: dict[str, Any]) -> None:
-        self.require_valid_channel_name(channel)
+        if channel not in self._valid:
+            self._valid_channel(channel)
         data = encode_message(message)
         self._check_size(data)
         p = self._p()
@@ -140,19 +164,20 @@ class HybridChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             delay = min(delay * 2, 0.02)
 
     async def receive(self, channel: str) -> dict[str, Any]:
-        self.require_valid_channel_name(channel)
+        if channel not in self._valid:
+            self._valid_channel(channel)
         p = self._p()
         while True:
             item = p.take(channel)
             if item is None:
                 if "!" not in channel:
                     p.ensure_reader(channel)
-                p.drain(asyncio.get_running_loop())
+                loop = asyncio.get_running_loop()
+                p.drain(loop)
                 item = p.take(channel)
-                loop = None
+                if item is None and self._spin:
+                    item = self._spin_take(p, channel, loop)
                 while item is None:
-                    if loop is None:
-                        loop = asyncio.get_running_loop()
                     fut: asyncio.Future[None] = loop.create_future()
                     p.add_waiter(channel, loop, fut)
                     try:
@@ -172,6 +197,38 @@ class HybridChannelLayer(BaseChannelLayer):  # type: ignore[misc]
                     channel,
                     exc,
                 )
+
+    def _spin_take(
+        self, p: Participant, channel: str, loop: asyncio.AbstractEventLoop
+    ) -> Item | None:
+        """``receive_spin_us``: poll the inbox a moment before sleeping on the doorbell.
+
+        A reply that comes within the spin costs no kernel wake-up on either side (the
+        sender sees no sleeper, so it does not ring). Only while the event loop has
+        nothing else ready to run, and only while spinning pays: after
+        ``SPIN_MISSES_MAX`` spins in a row that found nothing, the next
+        ``SPIN_BACKOFF`` receives sleep at once.
+        """
+        if self._spin_skip:
+            self._spin_skip -= 1
+            return None
+        ready = getattr(loop, "_ready", None)  # asyncio's run queue (uvloop: unknown)
+        if ready:
+            return None
+        ring_q = p.own.ring.q
+        deadline = _perf() + self._spin
+        while _perf() < deadline:
+            if ring_q[Q_TAIL] != ring_q[Q_HEAD]:
+                p.drain(loop)
+                item = p.take(channel)
+                if item is not None:
+                    self._spin_misses = 0
+                    return item
+        self._spin_misses += 1
+        if self._spin_misses >= SPIN_MISSES_MAX:
+            self._spin_misses = 0
+            self._spin_skip = SPIN_BACKOFF
+        return None
 
     # ------------------------------------------------------------------ groups
     async def group_add(self, group: str, channel: str) -> None:
@@ -340,6 +397,8 @@ class HybridChannelLayer(BaseChannelLayer):  # type: ignore[misc]
 
 
 def _after_fork_in_child() -> None:
+    global _fork_gen
+    _fork_gen += 1
     for layer in list(_layers):
         layer._after_fork_in_child()
 

@@ -68,6 +68,7 @@ BIND_WAIT = 2.0
 LINK_CLOSE_WAIT = 6.0
 #: hand-offs kept while a process that just became leader starts its link
 EARLY_OUT_MAX = 20_000
+LOCAL_DEST_MAX = 65_536
 
 
 class Item(NamedTuple):
@@ -102,16 +103,21 @@ class Participant:
         # registration costs nothing: the bell rings only while someone waits)
         self.loop_regs: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
         self.n_sleeping = 0  # waiters registered and not yet woken
+        self._last_loop: asyncio.AbstractEventLoop | None = None  # (in loop_regs)
         self.groups = GroupTable()
         self.readers: set[str] = set()
         self.parked: dict[str, deque[Item]] = {}
         self.counters = Counters()
+        self._flush_word = self.ns.reg_q  # [HQ_FLUSH_EPOCH]: read on every take/drain
         self.flush_seen = self.ns.flush_epoch()
         self.flush_acked = self.flush_seen
         self.parked_empty_since: dict[str, float] = {}
         self.next_bucket = 0
         self.rr: dict[str, int] = {}
         self._capacity_cache: dict[str, int] = {}
+        # same-host process channel -> (slot, gen, name bytes, bucket, capacity): all of
+        # it follows from the name, so it never goes stale
+        self._local_dest: dict[str, tuple[int, int, bytes, int, int]] = {}
         # broker mode
         self.link: Any = None  # amqp.link.Link while we lead and a broker is configured
         self.early_out: deque[tuple[int, str, bytes, float, str | None]] = deque()
@@ -144,6 +150,12 @@ class Participant:
     # ================================================================ sending
     def send(self, channel: str, msg: bytes | memoryview, expires_at: float) -> int:
         """Route one message; OK, FULL_CHANNEL, FULL_RING or NO_CHANNEL."""
+        hit = self._local_dest.get(channel)
+        if hit is not None:  # a process channel on this host, seen before
+            sv = self.ns.slot(hit[0])
+            if sv is None:
+                return NO_CHANNEL
+            return self.ns.write(sv, hit[1], L.KIND_DIRECT, hit[2], expires_at, msg, hit[3], hit[4])
         dest = route(channel, self.cfg.host_id, self.slot, self.gen)
         if dest.route is Route.NORMAL:
             return self.send_normal(channel, msg, expires_at)
@@ -156,19 +168,20 @@ class Participant:
             return NO_CHANNEL
         if addr is None or addr.bucket >= self.K:
             return NO_CHANNEL
-        sv = self.own if dest.route is Route.OWN else self.ns.slot(addr.slot)
-        if sv is None:
-            return NO_CHANNEL
-        return self.ns.write(
-            sv,
+        cache = self._local_dest
+        if len(cache) >= LOCAL_DEST_MAX:
+            cache.clear()
+        hit = cache[channel] = (
+            addr.slot,
             addr.gen,
-            L.KIND_DIRECT,
             channel.encode(),
-            expires_at,
-            msg,
             addr.bucket,
             self.capacity_for(channel),
         )
+        sv = self.own if dest.route is Route.OWN else self.ns.slot(addr.slot)
+        if sv is None:
+            return NO_CHANNEL
+        return self.ns.write(sv, hit[1], L.KIND_DIRECT, hit[2], expires_at, msg, hit[3], hit[4])
 
     def normal_bucket(self, channel: str) -> int:
         return self.K + name_hash("n", channel) % self.K
@@ -289,14 +302,18 @@ class Participant:
                     sv.index,
                 )
 
-    def deliver_direct(self, channel: str, msg: bytes | memoryview, expires_at: float) -> None:
-        """Leader: a message from another host for a process channel of this host."""
+    def deliver_direct(self, channel: str, msg: bytes | memoryview, expires_at: float) -> int:
+        """Leader: a message from another host for a process channel of this host.
+
+        Returns OK, FULL_CHANNEL or FULL_RING (the caller holds the message and tries
+        again); a message for no channel of this host is dropped and counted here."""
         dest = route(channel, self.cfg.host_id, self.slot, self.gen)
         r = NO_CHANNEL
         if dest.route in (Route.OWN, Route.SLOT):
             r = self.send(channel, msg, expires_at)
-        if r != OK:
+        if r == NO_CHANNEL:
             self._count_forward_failure(r, channel)
+        return r
 
     def deliver_normal(self, channel: str, msg: bytes | memoryview, expires_at: float) -> int:
         """To one reader of normal channel ``channel`` on this host (round robin)."""
@@ -517,8 +534,10 @@ class Participant:
     # ================================================================ receiving
     def take(self, channel: str) -> Item | None:
         """Pop the next live message of ``channel`` from the local queue."""
-        if self.ns.flush_epoch() != self.flush_seen:
+        if self._flush_word[L.HQ_FLUSH_EPOCH] != self.flush_seen:
             self.check_flush()
+        if not self.queues.get(channel):  # (a lock-free peek; add_waiter looks again)
+            return None
         with self.lock:
             q = self.queues.get(channel)
             if not q:
@@ -591,11 +610,15 @@ class Participant:
         self, channel: str, loop: asyncio.AbstractEventLoop, fut: asyncio.Future[None]
     ) -> None:
         with self.lock:
+            if self.queues.get(channel):  # queued since the caller's take(): no sleep
+                fut.set_result(None)
+                return
             self.waiters.setdefault(channel, deque()).append((loop, fut))
             self.n_sleeping += 1
-            register = loop not in self.loop_regs
+            register = loop is not self._last_loop and loop not in self.loop_regs
             if register:
                 self.loop_regs.add(loop)
+            self._last_loop = loop
         if register:
             assert self.ns.bell is not None
             loop.add_reader(self.ns.bell.fd, self._on_bell, loop)
@@ -606,7 +629,8 @@ class Participant:
         self, channel: str, loop: asyncio.AbstractEventLoop, fut: asyncio.Future[None]
     ) -> None:
         with self.lock:
-            ws = self.waiters.get(channel)
+            # woken normally: _wake_one already took it off the list and counted it
+            ws = self.waiters.get(channel) if not fut.done() or fut.cancelled() else None
             if ws is not None:
                 try:
                     ws.remove((loop, fut))
@@ -636,7 +660,7 @@ class Participant:
     # ================================================================ draining
     def drain(self, loop: asyncio.AbstractEventLoop | None) -> int:
         """Move every record from the ring into local queues. Returns records read."""
-        if self.ns.flush_epoch() != self.flush_seen:
+        if self._flush_word[L.HQ_FLUSH_EPOCH] != self.flush_seen:
             self.check_flush()
         ring = self.own.ring
         if self.closed:
@@ -798,32 +822,36 @@ class Participant:
             return
         body = rec.body
         name_len = rec.name_len
-        msg = None
-        for channel in members:
-            dest = route(channel, self.cfg.host_id, self.slot, self.gen)
-            if dest.route is Route.OWN and dest.address is not None:
+        expires_at = rec.expires_at
+        others = []
+        own_pending = self.own.pending
+        with self.lock:
+            for channel in members:
+                dest = route(channel, self.cfg.host_id, self.slot, self.gen)
+                if dest.route is not Route.OWN or dest.address is None:
+                    others.append(channel)
+                    continue
                 bucket = dest.address.bucket
                 if bucket >= self.K:
                     c.dropped_no_channel += 1
                     continue
+                if own_pending(bucket) >= self.capacity_for(channel):
+                    c.dropped_full += 1
+                    limited.warning(
+                        "grp-full",
+                        "hybrid_layer: group %r copy for %r dropped: channel full",
+                        group,
+                        channel,
+                    )
+                    continue
                 # the copy carries the member's channel name in the queue, the group's body
-                with self.lock:
-                    if self.own.pending(bucket) >= self.capacity_for(channel):
-                        c.dropped_full += 1
-                        limited.warning(
-                            "grp-full",
-                            "hybrid_layer: group %r copy for %r dropped: channel full",
-                            group,
-                            channel,
-                        )
-                        continue
-                    self._deq(bucket, -1)
-                    self._put(channel, Item(rec.expires_at, pos, bucket, body, name_len), loop)
+                self._deq(bucket, -1)
+                self._put(channel, Item(expires_at, pos, bucket, body, name_len), loop)
                 c.group_copies += 1
-            else:
-                if msg is None:
-                    msg = bytes(rec.message)
-                r = self.send(channel, msg, rec.expires_at)
+        if others:  # members that another process added (rare): a copy each
+            msg = bytes(rec.message)
+            for channel in others:
+                r = self.send(channel, msg, expires_at)
                 if r == OK:
                     c.group_copies += 1
                 else:

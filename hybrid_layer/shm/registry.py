@@ -51,6 +51,7 @@ class SlotView:
         "ci",
         "cq",
         "groups",
+        "half",
         "index",
         "rescue",
         "ring",
@@ -71,6 +72,7 @@ class SlotView:
         )
         self.groups = GroupSet(ctrl, seg.view(lay.groups_offset, lay.ring_offset))
         self.ring = Ring(ctrl, seg.view(lay.ring_offset, lay.size))
+        self.half = self.ring.size >> 1
         self.bell = BellPush(bell)
         self.rescue = BellPush(rescue)
         self.tlock = threading.Lock()
@@ -351,29 +353,26 @@ class Namespace:
                     d = (enq - bk[2 * bucket + 1]) & 0xFFFFFFFF
                     if capacity <= d < 0x80000000:
                         return FULL_CHANNEL
-                ring = sv.ring
-                before = ring.used()
-                if not ring.try_write(kind, name, expires_at, message):
-                    used = ring.size
-                    result = FULL_RING
-                else:
-                    if bucket >= 0:
-                        bk[2 * bucket] = (enq + 1) & 0xFFFFFFFF
-                    used = ring.used()
-                    result = OK
+                before = sv.ring.try_write(kind, name, expires_at, message)
+                if before >= 0 and bucket >= 0:
+                    bk[2 * bucket] = (enq + 1) & 0xFFFFFFFF
             finally:
                 lf.release(lock_byte)
             # read the flag only after the unlock: the kernel's lock code is a full
             # barrier between our tail store and this load (see prepare_sleep)
-            waiting = result == FULL_RING or bool(ci[L.I_WAITING])
+            waiting = ci[L.I_WAITING]
+        if before < 0:
+            sv.bell.ring()
+            sv.rescue.ring()  # the owner's host thread drains even if no one receives
+            return FULL_RING
         if waiting:
             sv.bell.ring()
-        elif urgent and result == OK:
+        elif urgent:
             sv.rescue.ring()
-        half = sv.ring.size >> 1
-        if used > half >= before or result == FULL_RING:
-            sv.rescue.ring()  # the owner's host thread drains even if no one receives
-        return result
+        half = sv.half
+        if before <= half < sv.ring.tail - sv.ring.head:
+            sv.rescue.ring()  # past half full: drain even if no one receives
+        return OK
 
     def prepare_sleep(self) -> bool:
         """Owner: announce a sleeping receiver. True if the ring is empty (safe to sleep).

@@ -105,14 +105,16 @@ class Ring:
 
     def try_write(
         self, kind: int, name: bytes, expires_at: float, message: bytes | memoryview
-    ) -> bool:
-        """Append one record; ``False`` if it does not fit now. Caller holds the ring lock."""
+    ) -> int:
+        """Append one record. Returns the bytes in use before it, or -1 if it does not
+        fit now. Caller holds the ring lock."""
         body_len = len(name) + len(message)
-        need = _HDR + align(body_len)
+        need = _HDR + ((body_len + ALIGN - 1) & -ALIGN)
         q = self.q
         tail = q[Q_TAIL]
-        if tail - q[Q_HEAD] + need > self.size:
-            return False
+        before = tail - q[Q_HEAD]
+        if before + need > self.size:
+            return -1
         # records and the data size are multiples of 16 = header size: no straddling
         _pack_hdr(self.data, tail % self.size, body_len, RECORD_MAGIC, kind, len(name), expires_at)
         pos = tail + _HDR
@@ -122,7 +124,7 @@ class Ring:
             self._put(pos, message)
         # publish: one aligned 8-byte store, after every byte of the record
         q[Q_TAIL] = tail + need
-        return True
+        return before
 
     # ------------------------------------------------------------ reading
     def _get(self, pos: int, n: int) -> bytes:

@@ -78,7 +78,7 @@ class TestConstruction:
 class TestRoundTrip:
     def test_single_record(self) -> None:
         ring, _, _ = make_ring()
-        assert ring.try_write(L.KIND_DIRECT, b"chan!x", 12.5, b"hello")
+        assert ring.try_write(L.KIND_DIRECT, b"chan!x", 12.5, b"hello") >= 0
         assert ring.used() == record_size(6, 5)
         rec = ring.try_read()
         assert isinstance(rec, Record)
@@ -95,14 +95,14 @@ class TestRoundTrip:
     @pytest.mark.parametrize("kind", sorted(L.KINDS))
     def test_every_kind(self, kind: int) -> None:
         ring, _, _ = make_ring()
-        assert ring.try_write(kind, b"n", 0.0, b"m")
+        assert ring.try_write(kind, b"n", 0.0, b"m") >= 0
         rec = ring.try_read()
         assert rec is not None
         assert rec.kind == kind
 
     def test_empty_name_and_message(self) -> None:
         ring, _, _ = make_ring(64)
-        assert ring.try_write(L.KIND_CONTROL, b"", 1.0, b"")
+        assert ring.try_write(L.KIND_CONTROL, b"", 1.0, b"") >= 0
         assert ring.used() == 16
         rec = ring.try_read()
         assert rec == Record(L.KIND_CONTROL, "", 1.0, b"", 0)
@@ -111,7 +111,7 @@ class TestRoundTrip:
     def test_memoryview_message(self) -> None:
         ring, _, _ = make_ring()
         src = bytearray(b"xxpayloadxx")
-        assert ring.try_write(L.KIND_NORMAL, b"q", 3.0, memoryview(src)[2:9])
+        assert ring.try_write(L.KIND_NORMAL, b"q", 3.0, memoryview(src)[2:9]) >= 0
         src[:] = b"-" * len(src)  # the ring copied it
         rec = ring.try_read()
         assert rec is not None
@@ -120,7 +120,7 @@ class TestRoundTrip:
     def test_body_is_a_copy(self) -> None:
         """A record read out does not alias the ring: later writes cannot change it."""
         ring, _, data = make_ring(64)
-        assert ring.try_write(L.KIND_DIRECT, b"a", 0.0, b"first")
+        assert ring.try_write(L.KIND_DIRECT, b"a", 0.0, b"first") >= 0
         rec = ring.try_read()
         assert rec is not None
         data[:] = b"\xff" * len(data)
@@ -130,14 +130,14 @@ class TestRoundTrip:
     @pytest.mark.parametrize("expires_at", [0.0, -1.5, 1e300, math.inf, 123456.789, 5e-324])
     def test_expiry_is_exact(self, expires_at: float) -> None:
         ring, _, _ = make_ring()
-        assert ring.try_write(L.KIND_DIRECT, b"n", expires_at, b"m")
+        assert ring.try_write(L.KIND_DIRECT, b"n", expires_at, b"m") >= 0
         rec = ring.try_read()
         assert rec is not None
         assert rec.expires_at == expires_at
 
     def test_nan_expiry_survives(self) -> None:
         ring, _, _ = make_ring()
-        assert ring.try_write(L.KIND_DIRECT, b"n", math.nan, b"m")
+        assert ring.try_write(L.KIND_DIRECT, b"n", math.nan, b"m") >= 0
         rec = ring.try_read()
         assert rec is not None
         assert math.isnan(rec.expires_at)
@@ -145,7 +145,7 @@ class TestRoundTrip:
     def test_longest_name_255(self) -> None:
         ring, _, _ = make_ring(1024)
         name = b"n" * 255
-        assert ring.try_write(L.KIND_GROUP, name, 0.0, b"body")
+        assert ring.try_write(L.KIND_GROUP, name, 0.0, b"body") >= 0
         rec = ring.try_read()
         assert rec is not None
         assert rec.name == "n" * 255
@@ -167,7 +167,7 @@ class TestFifoAndFull:
         ring, _, _ = make_ring(1024)
         sent = [(f"c{i}".encode(), pattern(i, i)) for i in range(20)]
         for name, msg in sent:
-            assert ring.try_write(L.KIND_DIRECT, name, float(len(msg)), msg)
+            assert ring.try_write(L.KIND_DIRECT, name, float(len(msg)), msg) >= 0
         got = []
         while (rec := ring.try_read()) is not None:
             got.append((rec.name.encode(), bytes(rec.message)))
@@ -177,26 +177,26 @@ class TestFifoAndFull:
         ring, ctrl, data = make_ring(128)
         # 16 + align(4 + 12) = 32 bytes each: exactly four fit
         for i in range(4):
-            assert ring.try_write(L.KIND_DIRECT, b"name", float(i), pattern(12, i))
+            assert ring.try_write(L.KIND_DIRECT, b"name", float(i), pattern(12, i)) >= 0
         assert ring.used() == 128
         assert ring.free() == 0
         ctrl_before, data_before = bytes(ctrl), bytes(data)
-        assert not ring.try_write(L.KIND_DIRECT, b"", 0.0, b"")  # even the smallest
+        assert ring.try_write(L.KIND_DIRECT, b"", 0.0, b"") == -1  # even the smallest
         assert (bytes(ctrl), bytes(data)) == (ctrl_before, data_before)
         # consuming one frees exactly one slot's worth
         rec = ring.try_read()
         assert rec is not None
         assert rec.expires_at == 0.0
         assert ring.free() == 32
-        assert not ring.try_write(L.KIND_DIRECT, b"name", 9.0, pattern(13))  # 48 > 32
-        assert ring.try_write(L.KIND_DIRECT, b"name", 9.0, pattern(12, 9))
+        assert ring.try_write(L.KIND_DIRECT, b"name", 9.0, pattern(13)) == -1  # 48 > 32
+        assert ring.try_write(L.KIND_DIRECT, b"name", 9.0, pattern(12, 9)) >= 0
         assert [r.expires_at for r in iter(ring.try_read, None)] == [1.0, 2.0, 3.0, 9.0]
 
     def test_refused_write_does_not_touch_data(self) -> None:
         ring, ctrl, data = make_ring(64)
-        assert ring.try_write(L.KIND_DIRECT, b"a", 0.0, b"b" * 20)  # 16 + 32 = 48
+        assert ring.try_write(L.KIND_DIRECT, b"a", 0.0, b"b" * 20) >= 0  # 16 + 32 = 48
         snapshot = bytes(ctrl), bytes(data)
-        assert not ring.try_write(L.KIND_DIRECT, b"a", 0.0, b"b")  # needs 32, 16 free
+        assert ring.try_write(L.KIND_DIRECT, b"a", 0.0, b"b") == -1  # needs 32, 16 free
         assert (bytes(ctrl), bytes(data)) == snapshot
 
 
@@ -209,7 +209,7 @@ class TestWraparound:
         name = b"grp"[: min(3, body_len)]
         msg = pattern(body_len - len(name), start)
         need = record_size(len(name), len(msg))
-        assert ring.try_write(L.KIND_GROUP, name, 1.0, msg) == (need <= size)
+        assert (ring.try_write(L.KIND_GROUP, name, 1.0, msg) >= 0) == (need <= size)
         if need > size:
             return
         rec = ring.try_read()
@@ -221,7 +221,7 @@ class TestWraparound:
     def test_body_wraps_bytes_land_at_the_front(self) -> None:
         ring, _, data = make_ring(64, start=32)
         msg = bytes(range(1, 41))  # header at 32..48, body 48..64 then 0..24
-        assert ring.try_write(L.KIND_DIRECT, b"", 0.0, msg)
+        assert ring.try_write(L.KIND_DIRECT, b"", 0.0, msg) >= 0
         assert bytes(data[48:64]) == msg[:16]
         assert bytes(data[0:24]) == msg[16:]
         rec = ring.try_read()
@@ -231,10 +231,10 @@ class TestWraparound:
     def test_name_wraps(self) -> None:
         ring, _, _ = make_ring(64, start=48)
         name = b"abcdefghijklmnopqrstu"  # header 48..64, the whole name at the front
-        assert ring.try_write(L.KIND_DIRECT, name, 0.0, b"zz")
+        assert ring.try_write(L.KIND_DIRECT, name, 0.0, b"zz") >= 0
         ring2, _, _ = make_ring(64, start=32)
         # header 32..48; name 48..64 then 0..5
-        assert ring2.try_write(L.KIND_DIRECT, name, 0.0, b"zz")
+        assert ring2.try_write(L.KIND_DIRECT, name, 0.0, b"zz") >= 0
         for r in (ring, ring2):
             rec = r.try_read()
             assert rec is not None
@@ -245,7 +245,7 @@ class TestWraparound:
         ring, _, _ = make_ring(80)
         for i in range(500):
             msg = pattern(i % 50, i)
-            assert ring.try_write(L.KIND_DIRECT, b"c", float(i), msg)
+            assert ring.try_write(L.KIND_DIRECT, b"c", float(i), msg) >= 0
             rec = ring.try_read()
             assert rec is not None
             assert (rec.expires_at, bytes(rec.message)) == (float(i), msg)
@@ -259,25 +259,25 @@ class TestWraparound:
         name = b"specific.h.1.2!3.abc"
         msg = pattern(size - L.RECORD.size - len(name), start)
         assert record_size(len(name), len(msg)) == size
-        assert ring.try_write(L.KIND_DIRECT, name, 2.0, msg)
+        assert ring.try_write(L.KIND_DIRECT, name, 2.0, msg) >= 0
         assert ring.free() == 0
-        assert not ring.try_write(L.KIND_DIRECT, b"", 0.0, b"")
+        assert ring.try_write(L.KIND_DIRECT, b"", 0.0, b"") == -1
         rec = ring.try_read()
         assert rec is not None
         assert rec.name == name.decode()
         assert bytes(rec.message) == msg
         # one byte more than the ring can ever hold: refused even when empty
-        assert not ring.try_write(L.KIND_DIRECT, name, 2.0, msg + b"x")
+        assert ring.try_write(L.KIND_DIRECT, name, 2.0, msg + b"x") == -1
         assert ring.used() == 0
 
     def test_large_record_behind_a_small_one(self) -> None:
         ring, _, _ = make_ring(4096)
-        assert ring.try_write(L.KIND_DIRECT, b"a", 0.0, b"x")  # 32 bytes
+        assert ring.try_write(L.KIND_DIRECT, b"a", 0.0, b"x") >= 0  # 32 bytes
         big = pattern(4096 - 32 - 16 - 1, 5)
-        assert ring.try_write(L.KIND_DIRECT, b"b", 0.0, big)  # exactly the rest
+        assert ring.try_write(L.KIND_DIRECT, b"b", 0.0, big) >= 0  # exactly the rest
         assert ring.free() == 0
         assert ring.try_read() is not None
-        assert ring.try_write(L.KIND_DIRECT, b"c", 0.0, b"y" * 15)  # the freed 32 bytes
+        assert ring.try_write(L.KIND_DIRECT, b"c", 0.0, b"y" * 15) >= 0  # the freed 32 bytes
         rec = ring.try_read()
         assert rec is not None
         assert bytes(rec.message) == big
@@ -290,7 +290,7 @@ class TestReset:
     def test_reset_drops_unread(self) -> None:
         ring, _, _ = make_ring(256, start=64)
         for i in range(3):
-            assert ring.try_write(L.KIND_DIRECT, b"c", float(i), b"m" * i)
+            assert ring.try_write(L.KIND_DIRECT, b"c", float(i), b"m" * i) >= 0
         used = ring.used()
         assert ring.reset() == used
         assert ring.used() == 0
@@ -300,7 +300,7 @@ class TestReset:
 
     def test_reset_recovers_from_corruption(self) -> None:
         ring, _, data = make_ring(128)
-        assert ring.try_write(L.KIND_DIRECT, b"c", 0.0, b"m")
+        assert ring.try_write(L.KIND_DIRECT, b"c", 0.0, b"m") >= 0
         data[0:16] = b"\xee" * 16  # smash the header
         with pytest.raises(RingCorrupt):
             ring.try_read()
@@ -308,7 +308,7 @@ class TestReset:
             ring.try_read()
         assert ring.reset() == 32
         assert ring.try_read() is None
-        assert ring.try_write(L.KIND_DIRECT, b"d", 1.0, b"after")
+        assert ring.try_write(L.KIND_DIRECT, b"d", 1.0, b"after") >= 0
         rec = ring.try_read()
         assert rec is not None
         assert (rec.name, bytes(rec.message)) == ("d", b"after")
@@ -321,7 +321,7 @@ class TestReset:
         # reset moves head to tail; the ring is usable again from there
         ring.reset()
         assert ring.used() == 0
-        assert ring.try_write(L.KIND_NORMAL, b"q", 0.0, b"ok")
+        assert ring.try_write(L.KIND_NORMAL, b"q", 0.0, b"ok") >= 0
         rec = ring.try_read()
         assert rec is not None
         assert bytes(rec.message) == b"ok"
@@ -330,7 +330,7 @@ class TestReset:
 class TestCorruptionDetected:
     def _one(self, size: int = 128) -> tuple[Ring, bytearray, bytearray]:
         ring, ctrl, data = make_ring(size)
-        assert ring.try_write(L.KIND_DIRECT, b"name", 0.0, b"message")
+        assert ring.try_write(L.KIND_DIRECT, b"name", 0.0, b"message") >= 0
         return ring, ctrl, data
 
     def _assert_corrupt_and_unchanged(self, ring: Ring, ctrl: bytearray) -> None:
@@ -367,7 +367,7 @@ class TestCorruptionDetected:
 
     def test_non_ascii_name(self) -> None:
         ring, ctrl, _ = make_ring(128)
-        assert ring.try_write(L.KIND_DIRECT, "é".encode(), 0.0, b"m")
+        assert ring.try_write(L.KIND_DIRECT, "é".encode(), 0.0, b"m") >= 0
         self._assert_corrupt_and_unchanged(ring, ctrl)
 
     @pytest.mark.parametrize(
@@ -420,7 +420,7 @@ class RingVsDeque(RuleBasedStateMachine):
         need = record_size(len(name), len(message))
         fits = self.model_used + need <= self.ring.size
         ctrl_before = bytes(self.ctrl)
-        assert self.ring.try_write(kind, name, expires_at, message) is fits
+        assert (self.ring.try_write(kind, name, expires_at, message) >= 0) is fits
         if fits:
             self.model.append((kind, name, expires_at, message))
             self.model_used += need
@@ -623,7 +623,7 @@ def test_fuzz_valid_ring_with_flipped_bytes(
         assert rec.kind in L.KINDS
         assert 0 <= ring.used() <= ring.size
     ring.reset()
-    assert ring.try_write(L.KIND_NORMAL, b"x", 0.0, b"y")
+    assert ring.try_write(L.KIND_NORMAL, b"x", 0.0, b"y") >= 0
     rec = ring.try_read()
     assert rec is not None
     assert bytes(rec.message) == b"y"

@@ -18,6 +18,7 @@ from typing import Any
 _ID_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
 
 MIB = 1024 * 1024
+PUBLISH_BATCH_MAX = 1024
 
 #: Keys that only mean something with a broker (``host``) configured.
 BROKER_KEYS = frozenset(
@@ -26,6 +27,7 @@ BROKER_KEYS = frozenset(
         "groups_exchange",
         "symmetric_encryption_keys",
         "remote_capacity",
+        "publish_batch",
         "heartbeat",
         "connect_timeout",
         "on_disconnect",
@@ -65,12 +67,15 @@ class LayerConfig:
     max_groups_per_process: int = 16384
     shm_dir: str = "/dev/shm"
     mode: int = 0o600
+    #: µs an idle receive() polls its inbox before sleeping (0 = never; see README)
+    receive_spin_us: int = 0
     # ---- broker mode (RabbitMQ); empty ``broker_urls`` = single host
     broker_urls: tuple[str, ...] = ()
     ssl_context: Any = None
     groups_exchange: str = "groups"
     encryption_keys: tuple[bytes, ...] = ()
     remote_capacity: int = 100_000
+    publish_batch: int = 128  # messages for one destination per AMQP message (1 = no batches)
     heartbeat: int = 5
     connect_timeout: float = 5.0
     on_disconnect: str | None = None
@@ -219,6 +224,10 @@ def parse_config(raw: Mapping[str, Any] | None = None, **kwargs: Any) -> LayerCo
         if not mode & 0o600 == 0o600:
             raise ValueError("CONFIG['mode'] must let the owner read and write (0o600 bits)")
         out["mode"] = mode
+    if "receive_spin_us" in values:
+        out["receive_spin_us"] = _number(
+            "receive_spin_us", values["receive_spin_us"], minimum=0, maximum=10_000, integer=True
+        )
     out.update(_broker(values))
     return LayerConfig(**out)
 
@@ -292,6 +301,14 @@ def _broker(values: Mapping[str, Any]) -> dict[str, Any]:
     if "remote_capacity" in values:
         out["remote_capacity"] = _number(
             "remote_capacity", values["remote_capacity"], minimum=1, integer=True
+        )
+    if "publish_batch" in values:
+        out["publish_batch"] = _number(
+            "publish_batch",
+            values["publish_batch"],
+            minimum=1,
+            maximum=PUBLISH_BATCH_MAX,
+            integer=True,
         )
     if "heartbeat" in values:
         out["heartbeat"] = _number(

@@ -69,6 +69,24 @@ async def _main(conn: Any, config: dict[str, Any]) -> None:
         if cmd == "receive":
             channel, timeout = args
             return await asyncio.wait_for(layer.receive(channel), timeout)
+        if cmd == "echo":  # channel, n: in the background, send n messages back to "reply"
+            channel, n = args
+
+            async def echo() -> None:
+                for _ in range(n):
+                    m = await layer.receive(channel)
+                    await layer.send(m["reply"], m)
+
+            tasks[channel] = asyncio.create_task(echo())
+            return None
+        if cmd == "pingpong":  # peer, n: n round trips from a new channel -> seqs back
+            peer, n = args
+            me = await layer.new_channel()
+            seqs = []
+            for i in range(n):
+                await layer.send(peer, {"type": "ping", "seq": i, "reply": me})
+                seqs.append((await asyncio.wait_for(layer.receive(me), 10.0))["seq"])
+            return seqs
         if cmd == "receive_many":
             channel, n, timeout = args
             return [await asyncio.wait_for(layer.receive(channel), timeout) for _ in range(n)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -174,3 +175,16 @@ def test_many_writers_hammering_one_inbox_lose_nothing_and_see_no_corruption(
     for k in range(3):
         assert [m["seq"] for m in got if m["src"] == k] == list(range(n))
     assert reader.call("stats").dropped["corrupt"] == 0
+
+
+def test_spinning_receivers_answer_every_ping_in_order(remotes: Any) -> None:
+    """receive_spin_us: replies that arrive while a receiver polls (no doorbell) and
+    after it has gone to sleep (doorbell) all arrive, in order."""
+    a, b = remotes(2, receive_spin_us=2000)
+    ch = b.call("new_channel")
+    n = 300
+    b.call("echo", ch, n + 1)
+    assert a.call("pingpong", ch, n) == list(range(n))
+    time.sleep(0.05)  # b has gone to sleep on its doorbell (the spin is 2 ms)
+    assert a.call("pingpong", ch, 1) == [0]
+    assert sum(a.call("stats").dropped.values()) == 0

@@ -175,6 +175,9 @@ class TestKeys:
         ("key", "bad"),
         [
             ("remote_capacity", 0),
+            ("publish_batch", 0),
+            ("publish_batch", 1025),
+            ("publish_batch", 2.5),
             ("heartbeat", -1),
             ("heartbeat", 4000),
             ("connect_timeout", 0),
@@ -185,6 +188,12 @@ class TestKeys:
     def test_bad_broker_numbers_and_types(self, key: str, bad: Any) -> None:
         with pytest.raises(ValueError, match=key):
             parse_config(host="amqp://x/", **{key: bad})
+
+    def test_publish_batch(self) -> None:
+        assert parse_config(host="amqp://x/").publish_batch == 128
+        assert parse_config(host="amqp://x/", publish_batch=1).publish_batch == 1
+        with pytest.raises(ValueError, match="publish_batch"):
+            parse_config(publish_batch=4)  # a broker key without host
 
     def test_link_event_types(self) -> None:
         c = parse_config(host="amqp://x/", on_disconnect="link.down", on_reconnect="link.up")
@@ -251,6 +260,7 @@ class TestNumbers:
             ("max_participants", 2, 1024),
             ("channel_buckets", 16, 1 << 20),
             ("max_groups_per_process", 16, 1 << 22),
+            ("receive_spin_us", 0, 10_000),
         ],
     )
     def test_integer_bounds(self, key: str, minimum: int, maximum: int | None) -> None:

@@ -34,9 +34,10 @@ from pamqp import commands as spec
 
 from .. import names
 from .._log import limited
+from ..config import PUBLISH_BATCH_MAX
 from ..shm import layout as L
 from ..shm.groupset import name_hash
-from ..shm.registry import FULL_RING, LINK_DOWN, NO_CHANNEL, OK
+from ..shm.registry import FULL_CHANNEL, FULL_RING, LINK_DOWN, NO_CHANNEL, OK
 from . import wire
 
 if TYPE_CHECKING:
@@ -52,8 +53,13 @@ FULL_HOLD = 0.2  # seconds a destination stays "full" after a nack
 BACKOFF_MIN = 0.1
 BACKOFF_MAX = 10.0
 PREFETCH = 256  # unacknowledged deliveries from normal-channel queues
-HOST_PREFETCH = 1000  # ... from the host queue (at most remote_capacity)
+HOST_PREFETCH = 64  # ... from the host queue (AMQP messages, each a batch of up to
+# CONFIG publish_batch messages)
 DECLARE_AGAIN = 60.0  # re-declare a normal queue we publish to (keeps x-expires away)
+MAX_BATCH_BYTES = 256 * 1024  # a batch (CONFIG publish_batch) stops at about this size
+HOLD_MAX = 10_000  # direct messages held for busy readers before acks are held back
+HOLD_LOW = 5_000  # ... and acknowledged again under this
+HOLD_RETRY = 0.002  # seconds between attempts to place held messages
 NORMAL_PAUSE = 0.05  # stop consuming a normal queue this long when its readers are full
 
 KIND_TO_WIRE = {
@@ -114,6 +120,13 @@ class Link:
         self.busy = False
         self._ack_tag = 0
         self._ack_scheduled = False
+        self._ack_held_back = False
+        # direct messages from other hosts waiting for room in a busy reader's inbox
+        self.held: dict[str, deque[tuple[bytes, float]]] = {}
+        self.held_total = 0
+        self._retry_handle: asyncio.TimerHandle | None = None
+        self._prefetch = min(HOST_PREFETCH, cfg.remote_capacity)
+        self.max_batch = cfg.publish_batch
         self.closing = False
         self.thread_id = threading.get_ident()
         self._set_state(L.LINK_CONNECTING)
@@ -268,6 +281,7 @@ class Link:
         await ch.basic_qos(prefetch_count=min(HOST_PREFETCH, cfg.remote_capacity))
         self._ack_tag = 0
         self._ack_scheduled = False
+        self._ack_held_back = False  # (tags of the old channel mean nothing here)
         await ch.basic_consume(self.queue, self._on_host_message)
         nch = self.nch = await conn.channel(publisher_confirms=False)
         await nch.basic_qos(prefetch_count=PREFETCH)
@@ -351,84 +365,113 @@ class Link:
                 if self.in_flight >= MAX_IN_FLIGHT:
                     self._room.clear()
                     await self._room.wait()
-                kind, name, payload, expires_at, key = out.popleft()
+                batch = [out.popleft()]
+                kind, name = batch[0][0], batch[0][1]
+                if kind != L.KIND_OUT_NORMAL:
+                    # what follows for the same destination goes in the same AMQP message
+                    size = len(batch[0][2])
+                    dest = self._route(kind, name)
+                    while out and len(batch) < self.max_batch and size < MAX_BATCH_BYTES:
+                        nxt = out[0]
+                        if nxt[0] != kind or (nxt[1] != name and self._route(kind, nxt[1]) != dest):
+                            break
+                        batch.append(out.popleft())
+                        size += len(nxt[2])
                 if self.busy and len(out) <= LOW_WATER:
                     self.busy = False
                     self.p.ns.link_set(L.LQ_BUSY, 0)
-                await self._publish(kind, name, payload, expires_at, key)
+                await self._publish(batch)
 
-    async def _publish(
-        self, kind: int, name: str, payload: bytes, expires_at: float, key: str | None
-    ) -> None:
-        ch = self.ch
+    def _route(self, kind: int, name: str) -> tuple[str, str, bool] | None:
+        """(exchange, routing key, mandatory) of a direct or group message; ``None`` for
+        a direct message to a name that is no process channel."""
         cfg = self.cfg
-        remaining = expires_at - time.monotonic()
-        if remaining <= 0:
-            self.p.counters.dropped_expired += 1
-            return
-        wkind = KIND_TO_WIRE[kind]
-        body = wire.encode(wkind, cfg.host_id, name, time.time() + remaining, payload, self.crypter)
-        props = spec.Basic.Properties(
-            delivery_mode=1, expiration=str(max(1, int(remaining * 1000)))
-        )
-        if wkind == wire.DIRECT:
+        if kind == L.KIND_OUT_DIRECT:
             addr = names.parse(name)
             if addr is None:
-                self.p.counters.dropped_no_channel += 1
-                return
-            exchange, rk, mandatory = "", host_queue(cfg.prefix, addr.host_id), True
-        elif wkind == wire.GROUP:
-            exchange, rk, mandatory = (
-                cfg.groups_exchange,
-                group_key(cfg.prefix, name_hash("g", name)),
-                False,
+                return None
+            return "", host_queue(cfg.prefix, addr.host_id), True
+        if kind == L.KIND_OUT_GROUP:
+            return cfg.groups_exchange, group_key(cfg.prefix, name_hash("g", name)), False
+        return "", normal_queue(cfg.prefix, name_hash("n", name)), True
+
+    async def _publish(self, batch: list[tuple[int, str, bytes, float, str | None]]) -> None:
+        """One AMQP message: one frame, or a batch of frames for one destination."""
+        cfg = self.cfg
+        c = self.p.counters
+        kind, name, _, _, key = batch[0]
+        now_mono, now_wall = time.monotonic(), time.time()
+        frames = []
+        longest = 0.0
+        wkind = KIND_TO_WIRE[kind]
+        for _, fname, payload, expires_at, _ in batch:
+            remaining = expires_at - now_mono
+            if remaining <= 0:
+                c.dropped_expired += 1
+                continue
+            longest = max(longest, remaining)
+            frames.append(
+                wire.encode(wkind, cfg.host_id, fname, now_wall + remaining, payload, self.crypter)
             )
-        else:
+        if not frames:
+            return
+        dest = self._route(kind, name)
+        if dest is None:
+            c.dropped_no_channel += len(frames)
+            return
+        exchange, rk, mandatory = dest
+        if kind == L.KIND_OUT_NORMAL:
             h = name_hash("n", name)
-            rk = normal_queue(cfg.prefix, h)
-            exchange, mandatory = "", True
             when = self.declared.get(h)
-            if when is None or time.monotonic() - when > DECLARE_AGAIN:
+            if when is None or now_mono - when > DECLARE_AGAIN:
                 await self._declare_normal(h, name)
+        body = frames[0] if len(frames) == 1 else wire.encode_batch(frames)
+        # the broker's own expiry: the latest of the batch (each frame carries its own)
+        props = spec.Basic.Properties(delivery_mode=1, expiration=str(max(1, int(longest * 1000))))
+        n = len(frames)
         self.in_flight += 1
         fut = asyncio.ensure_future(
-            ch.basic_publish(
+            self.ch.basic_publish(
                 body, exchange=exchange, routing_key=rk, properties=props, mandatory=mandatory
             )
         )
-        fut.add_done_callback(lambda f: self._confirmed(f, key, name))
-        self.p.counters.broker_published += 1
+        fut.add_done_callback(lambda f: self._confirmed(f, key, name, n))
+        c.broker_published += n
+        if n > 1:
+            c.broker_batches += 1
 
-    def _confirmed(self, fut: asyncio.Future[Any], key: str | None, name: str) -> None:
+    def _confirmed(self, fut: asyncio.Future[Any], key: str | None, name: str, n: int) -> None:
         self.in_flight -= 1
         if self.in_flight < MAX_IN_FLIGHT // 2:
             self._room.set()
         c = self.p.counters
         if fut.cancelled():
-            c.dropped_link_down += 1
+            c.dropped_link_down += n
             return
         exc = fut.exception()
         if exc is None:
-            c.broker_confirmed += 1
+            c.broker_confirmed += n
         elif isinstance(exc, aiormq.exceptions.PublishError):  # basic.return: unroutable
-            c.broker_returned += 1
-            c.dropped_no_channel += 1
+            c.broker_returned += n
+            c.dropped_no_channel += n
             limited.warning(
                 "remote-none",
-                "hybrid_layer: message to %r dropped: no such host or channel on the broker",
+                "hybrid_layer: %d message(s) to %r dropped: no such host or channel on the broker",
+                n,
                 name,
             )
         elif isinstance(exc, aiormq.exceptions.DeliveryError):  # basic.nack: queue full
-            c.dropped_remote_full += 1
+            c.dropped_remote_full += n
             limited.warning(
                 "remote-full",
-                "hybrid_layer: message to %r dropped: its queue on the broker is full",
+                "hybrid_layer: %d message(s) to %r dropped: its queue on the broker is full",
+                n,
                 name,
             )
             if key is not None:
                 self._flag_full(key)
         else:
-            c.dropped_link_down += 1
+            c.dropped_link_down += n
 
     def _flag_full(self, key: str) -> None:
         if key not in self.full:
@@ -536,15 +579,18 @@ class Link:
                 await self.ch.queue_purge(normal_queue(self.cfg.prefix, h))
 
     # ---------------------------------------------------------------- inbound
-    def _frame(self, msg: DeliveredMessage) -> tuple[wire.Frame, float] | None:
+    def _malformed(self, why: object) -> None:
+        self.p.counters.dropped_malformed += 1
+        limited.warning(
+            "malformed", "hybrid_layer: malformed message from the broker dropped: %s", why
+        )
+
+    def _frame(self, data: bytes | memoryview) -> tuple[wire.Frame, float] | None:
         c = self.p.counters
         try:
-            frame = wire.decode(msg.body, self.crypter)
+            frame = wire.decode(data, self.crypter)
         except wire.WireError as exc:  # (an undecodable payload is dropped by receive())
-            c.dropped_malformed += 1
-            limited.warning(
-                "malformed", "hybrid_layer: malformed message from the broker dropped: %s", exc
-            )
+            self._malformed(exc)
             return None
         remaining = frame.expires_wall - time.time()
         if remaining <= 0:
@@ -553,15 +599,75 @@ class Link:
         c.broker_received += 1
         return frame, time.monotonic() + min(remaining, self.cfg.expiry)
 
+    # ---------------------------------------------------------------- held deliveries
+    def _hold(
+        self, q: deque[tuple[bytes, float]], channel: str, payload: bytes, expires_at: float
+    ) -> None:
+        """Keep a direct message whose reader is full until it has room (or expires).
+
+        While ``HOLD_MAX`` messages are held, deliveries stop being acknowledged, so the
+        broker stops sending (prefetch): the host queue fills, its ``x-max-length``
+        rejects, and senders on other hosts get ``ChannelFull``."""
+        if self.held_total >= HOLD_MAX + self._prefetch * PUBLISH_BATCH_MAX:  # (never)
+            self.p.counters.dropped_full += 1
+            limited.warning("held-full", "hybrid_layer: copy for %r dropped: full", channel)
+            return
+        q.append((payload, expires_at))
+        self.held_total += 1
+        if self._retry_handle is None:
+            self._retry_handle = self.loop.call_later(HOLD_RETRY, self._retry_held)
+
+    def _retry_held(self) -> None:
+        self._retry_handle = None
+        p = self.p
+        now = time.monotonic()
+        for channel in list(self.held):
+            q = self.held[channel]
+            while q:
+                payload, expires_at = q[0]
+                if expires_at < now:
+                    p.counters.dropped_expired += 1
+                else:
+                    r = p.deliver_direct(channel, payload, expires_at)
+                    if r in (FULL_CHANNEL, FULL_RING):
+                        break
+                q.popleft()
+                self.held_total -= 1
+            if not q:
+                del self.held[channel]
+        if self.held:
+            self._retry_handle = self.loop.call_later(HOLD_RETRY, self._retry_held)
+        if self._ack_held_back and self.held_total < HOLD_LOW:
+            self._ack_held_back = False
+            if self.ch is not None:
+                self._send_ack(self.ch)
+
+    def _drop_held(self, why: str) -> None:
+        if self._retry_handle is not None:
+            self._retry_handle.cancel()
+            self._retry_handle = None
+        n, self.held_total = self.held_total, 0
+        self.held.clear()
+        if n:
+            self.p.counters.dropped_full += n
+            limited.warning("held-drop", "hybrid_layer: %d held messages dropped: %s", n, why)
+
     def _ack_later(self, msg: DeliveredMessage) -> None:
-        """One ``basic.ack(multiple)`` per burst of deliveries."""
+        """One ``basic.ack(multiple)`` per burst of deliveries (held back while too many
+        messages wait for busy readers)."""
         self._ack_tag = max(self._ack_tag, msg.delivery.delivery_tag)
+        if self.held_total >= HOLD_MAX:
+            self._ack_held_back = True
+            return
         if not self._ack_scheduled:
             self._ack_scheduled = True
             self.loop.call_soon(self._send_ack, msg.channel)
 
     def _send_ack(self, ch: Any) -> None:
         self._ack_scheduled = False
+        if self.held_total >= HOLD_MAX:
+            self._ack_held_back = True
+            return
         tag, self._ack_tag = self._ack_tag, 0
         if tag and ch is self.ch and not ch.is_closed:
             task = asyncio.ensure_future(ch.basic_ack(tag, multiple=True))
@@ -569,19 +675,31 @@ class Link:
 
     async def _on_host_message(self, msg: DeliveredMessage) -> None:
         self._ack_later(msg)
-        got = self._frame(msg)
-        if got is None:
+        try:
+            parts = wire.split(msg.body)
+        except wire.WireError as exc:
+            self._malformed(exc)
             return
-        frame, expires_at = got
         p = self.p
-        if frame.kind == wire.DIRECT:
-            p.deliver_direct(frame.name, frame.payload, expires_at)
-        elif frame.kind == wire.GROUP:
-            if frame.origin != self.cfg.host_id:  # our own copy went out locally
-                p.deliver_group(frame.name, frame.payload, expires_at)
-        else:
-            p.counters.dropped_malformed += 1
-            limited.warning("malformed", "hybrid_layer: normal-channel frame on the host queue")
+        for data in parts if parts is not None else (msg.body,):
+            got = self._frame(data)
+            if got is None:
+                continue
+            frame, expires_at = got
+            if frame.kind == wire.DIRECT:
+                held = self.held.get(frame.name)
+                if held is not None:  # behind others held for it (FIFO)
+                    self._hold(held, frame.name, frame.payload, expires_at)
+                    continue
+                r = p.deliver_direct(frame.name, frame.payload, expires_at)
+                if r in (FULL_CHANNEL, FULL_RING):  # a busy reader: wait for its room
+                    q = self.held.setdefault(frame.name, deque())
+                    self._hold(q, frame.name, frame.payload, expires_at)
+            elif frame.kind == wire.GROUP:
+                if frame.origin != self.cfg.host_id:  # our own copy went out locally
+                    p.deliver_group(frame.name, frame.payload, expires_at)
+            else:
+                self._malformed("a normal-channel frame on the host queue")
 
     async def _on_normal_message(self, msg: DeliveredMessage) -> None:
         """One message from a normal channel's shared queue.
@@ -591,7 +709,7 @@ class Link:
         room it is rejected back to the queue (where ``capacity`` applies and other
         hosts' readers can take it) and the consumer pauses for a moment.
         """
-        got = self._frame(msg)
+        got = self._frame(msg.body)
         tag = msg.delivery.delivery_tag
         ch = msg.channel
         if got is None or got[0].kind != wire.NORMAL:
@@ -624,6 +742,9 @@ class Link:
             if time.monotonic() >= deadline:
                 break
             await asyncio.sleep(0.005)
+        while self.held and time.monotonic() < deadline:  # readers that are still busy
+            await asyncio.sleep(0.005)
+        self._drop_held("the link closed before their readers had room")
         self.closing = True
         self.task.cancel()
         with contextlib.suppress(BaseException):
@@ -643,6 +764,7 @@ class Link:
             "normal_consumers": len(self.consuming),
             "outbound": len(self.out),
             "in_flight": self.in_flight,
+            "held": self.held_total,
             "syncs": self.syncs,
         }
 

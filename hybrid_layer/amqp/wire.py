@@ -1,6 +1,7 @@
 """Pure: the body of every AMQP message hybrid_layer publishes, and its optional encryption.
 
-One frame per message::
+One frame per message (several frames for the same destination may travel in one AMQP
+message as a *batch*, see :func:`encode_batch`)::
 
     <B flags|version> <B kind> <B origin_len> <H name_len> <d expires_wall>
     origin   (the sending host's host_id; a host ignores the echo of its own group sends)
@@ -21,6 +22,11 @@ from typing import NamedTuple
 
 HEADER = struct.Struct("<BBBHd")
 VERSION = 1
+#: a batch: ``<B BATCH_VERSION> <H count>`` then ``count`` times ``<I length> frame``
+BATCH_VERSION = 2
+BATCH_HEADER = struct.Struct("<BH")
+FRAME_LEN = struct.Struct("<I")
+MAX_BATCH = 0xFFFF
 F_ENCRYPTED = 0x80
 
 DIRECT = 1  # to a process channel of the destination host
@@ -83,7 +89,7 @@ def encode(
     return b"".join((HEADER.pack(flags, kind, len(o), len(n), expires_wall), o, n, body))
 
 
-def decode(data: bytes, crypter: Crypter | None = None) -> Frame:
+def decode(data: bytes | memoryview, crypter: Crypter | None = None) -> Frame:
     if len(data) < HEADER.size:
         raise WireError(f"{len(data)} bytes is shorter than a frame header")
     flags, kind, olen, nlen, expires_wall = HEADER.unpack_from(data)
@@ -97,13 +103,13 @@ def decode(data: bytes, crypter: Crypter | None = None) -> Frame:
     if expires_wall != expires_wall:  # NaN
         raise WireError("expiry is not a number")
     try:
-        origin = data[HEADER.size : HEADER.size + olen].decode()
-        name = data[HEADER.size + olen : end].decode()
+        origin = bytes(data[HEADER.size : HEADER.size + olen]).decode()
+        name = bytes(data[HEADER.size + olen : end]).decode()
     except UnicodeDecodeError:
         raise WireError("names are not UTF-8") from None
     if not name:
         raise WireError("empty destination name")
-    payload = data[end:]
+    payload = bytes(data[end:])
     encrypted = bool(flags & F_ENCRYPTED)
     if crypter is not None:
         if not encrypted:
@@ -112,3 +118,39 @@ def decode(data: bytes, crypter: Crypter | None = None) -> Frame:
     elif encrypted:
         raise WireError("encrypted payload but no symmetric_encryption_keys configured")
     return Frame(kind, origin, name, expires_wall, payload)
+
+
+def encode_batch(frames: list[bytes]) -> bytes:
+    """Several encoded frames as one AMQP body (one publish, one confirm, one delivery)."""
+    if not 1 <= len(frames) <= MAX_BATCH:
+        raise ValueError(f"a batch holds 1 to {MAX_BATCH} frames, not {len(frames)}")
+    parts = [BATCH_HEADER.pack(BATCH_VERSION, len(frames))]
+    for f in frames:
+        parts.append(FRAME_LEN.pack(len(f)))
+        parts.append(f)
+    return b"".join(parts)
+
+
+def split(data: bytes) -> list[memoryview] | None:
+    """The frames of a batch body, or ``None`` if ``data`` is a single frame. Raises
+    :class:`WireError` if the batch envelope itself is damaged."""
+    if not data or data[0] != BATCH_VERSION:
+        return None
+    if len(data) < BATCH_HEADER.size:
+        raise WireError("batch shorter than its header")
+    _, count = BATCH_HEADER.unpack_from(data)
+    mv = memoryview(data)
+    out = []
+    pos = BATCH_HEADER.size
+    for i in range(count):
+        if pos + FRAME_LEN.size > len(data):
+            raise WireError(f"batch ends before frame {i + 1} of {count}")
+        (n,) = FRAME_LEN.unpack_from(data, pos)
+        pos += FRAME_LEN.size
+        if pos + n > len(data):
+            raise WireError(f"frame {i + 1} of {count} ({n} bytes) overruns the batch")
+        out.append(mv[pos : pos + n])
+        pos += n
+    if pos != len(data):
+        raise WireError(f"{len(data) - pos} stray bytes after the batch's {count} frames")
+    return out

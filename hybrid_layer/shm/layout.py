@@ -24,7 +24,7 @@ import struct
 from dataclasses import dataclass
 
 MAGIC = 0x48594252_4C415931  # "HYBRLAY1"
-VERSION = 2  # 2: broker mode (outbound kinds, link words, tagged hashes)
+VERSION = 3  # 2: broker mode (outbound kinds, link words, tagged hashes); 3: broker_batches
 
 INIT_LOCK = 0
 LEADER_LOCK = 1
@@ -77,6 +77,7 @@ STATS_FIELDS = (
     "broker_returned",
     "broker_received",
     "broker_reconnects",
+    "broker_batches",  # AMQP messages that carried more than one message
 )
 REG_STATS = struct.Struct("@" + "Q" * len(STATS_FIELDS))
 # the leader's link words, in its own registry slot record (u64 each, typed-view access):

@@ -255,8 +255,30 @@ class TestNormalChannels:
 
 
 class TestCapacityAcrossHosts:
+    def test_burst_is_batched_and_a_busy_reader_loses_nothing(self, hosts: HostsFactory) -> None:
+        """A burst to one host travels in batches; a reader over its capacity makes the
+        receiving leader hold the rest until it reads (FIFO, nothing dropped)."""
+        hs = hosts({"ha": 1, "hb": 1}, capacity=10)
+        dst, src = hs["ha"][0], hs["hb"][0]
+        ch = dst.call("new_channel", "c.")
+        n = 600
+        assert src.call("send_many", ch, [{"type": "m", "i": i} for i in range(n)]) == n
+        assert wait_until(lambda: src.call("stats").broker["confirmed"] == n, 20)
+        st = src.call("stats")
+        assert st.broker["published"] == n
+        assert st.broker["batches"] >= 1  # several messages per AMQP message
+        assert wait_until(lambda: dst.call("stats").broker["held"] >= n - 10, 10)
+        got = dst.call("receive_many", ch, n, 10.0, timeout=30)
+        assert [m["i"] for m in got] == list(range(n))
+        d = dst.call("stats")
+        assert d.broker["held"] == 0
+        assert sum(d.dropped.values()) == 0
+        assert d.broker["received"] == n
+
     def test_full_host_queue_raises_channel_full(self, hosts: HostsFactory) -> None:
-        hs = hosts({"ha": 1, "hb": 1}, remote_capacity=20)
+        # publish_batch=1: one message per AMQP message, so that remote_capacity counts
+        # messages (test_batches_... below covers batching)
+        hs = hosts({"ha": 1, "hb": 1}, remote_capacity=20, publish_batch=1)
         dst = hs["ha"][0]
         ch = dst.call("new_channel", "c.")
         os.kill(dst.pid, signal.SIGSTOP)  # its leader stops consuming: the queue fills

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import struct
 
 import pytest
@@ -120,3 +121,58 @@ def test_broker_names() -> None:
 )
 def test_passwords_never_logged(url: str, shown: str) -> None:
     assert _safe(url) == shown
+
+
+# ---------------------------------------------------------------------------- batches
+@settings(max_examples=150, deadline=None)
+@given(
+    frames=st.lists(
+        st.tuples(st.sampled_from(sorted(wire.KINDS)), names, payloads), min_size=2, max_size=20
+    )
+)
+def test_batch_round_trip(frames: list[tuple[int, str, bytes]]) -> None:
+    encoded = [wire.encode(k, "ha", n, 1.5, p) for k, n, p in frames]
+    body = wire.encode_batch(encoded)
+    parts = wire.split(body)
+    assert parts is not None
+    assert [wire.decode(p) for p in parts] == [
+        wire.Frame(k, "ha", n, 1.5, p) for k, n, p in frames
+    ]
+
+
+def test_a_single_frame_is_not_a_batch() -> None:
+    for flags_frame in (wire.encode(wire.DIRECT, "ha", "x!y", 1.0, b"m"),):
+        assert wire.split(flags_frame) is None
+    assert wire.split(b"") is None
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        (b"\x02", "shorter than its header"),
+        (struct.pack("<BH", 2, 2) + struct.pack("<I", 1) + b"x", "ends before frame 2 of 2"),
+        (struct.pack("<BH", 2, 1) + struct.pack("<I", 9) + b"x", "overruns the batch"),
+        (struct.pack("<BH", 2, 1) + struct.pack("<I", 1) + b"xy", "1 stray bytes"),
+    ],
+)
+def test_damaged_batch_names_the_problem(body: bytes, problem: str) -> None:
+    with pytest.raises(wire.WireError, match=problem):
+        wire.split(body)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=200))
+def test_garbage_batch_is_a_wire_error_or_frames(data: bytes) -> None:
+    try:
+        parts = wire.split(b"\x02" + data)
+    except wire.WireError:
+        return
+    assert parts is not None
+    for p in parts:  # each one: a frame or WireError, nothing else
+        with contextlib.suppress(wire.WireError):
+            assert wire.decode(p).kind in wire.KINDS
+
+
+def test_batch_size_is_bounded() -> None:
+    with pytest.raises(ValueError, match="1 to"):
+        wire.encode_batch([])

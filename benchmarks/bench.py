@@ -60,10 +60,15 @@ SIZES = {"100B": 100, "10KB": 10_000, "1MB": 1_000_000}
 FANOUT_SIZES = ("100B", "10KB")  # 1 MB x 100 members is not a fan-out workload
 FANOUT_MEMBERS = 50  # per receiver process; two receivers -> a group of 100
 
+SPIN_US = 100  # hybrid_spin's receive_spin_us
 LAYERS = {
     # name: (kind, scenarios it can run, label)
     "hybrid": ("hybrid", None, "hybrid_layer.HybridChannelLayer (same host; broker mode "
                "with two host_ids in x-scenarios)"),
+    "hybrid_spin": ("hybrid", {"pingpong", "throughput", "fanout-paced", "fanout-unpaced",
+                               "xpingpong", "xthroughput"},
+                    f"hybrid_layer.HybridChannelLayer with receive_spin_us={SPIN_US} (opt-in: "
+                    "an idle receive() polls its inbox that long before sleeping)"),
     "inmemory": ("inmemory", {"single"}, "channels.layers.InMemoryChannelLayer"),
     "redis": ("redis", None, "channels_redis.core.RedisChannelLayer"),
     "redis_pubsub": ("redis_pubsub", None, "channels_redis.pubsub.RedisPubSubChannelLayer"),
@@ -166,9 +171,11 @@ def layer_config(layer: str, tag: str, host: str | None = None) -> dict[str, Any
     simulated host of a cross-host scenario; only hybrid needs to know (broker mode)."""
     kind = LAYERS[layer][0]
     if kind == "hybrid":
+        extra = {"receive_spin_us": SPIN_US} if layer == "hybrid_spin" else {}
         if host is not None:
-            return {"kind": kind, "prefix": tag, "host_id": XHOST_IDS[host], "host": AMQP_URL}
-        return {"kind": kind, "prefix": tag, "host_id": HYBRID_HOST_ID}
+            return {"kind": kind, "prefix": tag, "host_id": XHOST_IDS[host], "host": AMQP_URL,
+                    **extra}
+        return {"kind": kind, "prefix": tag, "host_id": HYBRID_HOST_ID, **extra}
     if kind == "inmemory":
         return {"kind": kind}
     if kind in ("redis", "redis_pubsub"):
@@ -618,8 +625,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scenarios", default=",".join(("single", "pingpong", "throughput",
                                                      "fanout")),
                     help="single,pingpong,throughput,fanout (= fanout-paced,fanout-unpaced)")
-    ap.add_argument("--layers", default="hybrid,inmemory,redis,redis_pubsub,rabbitmq",
-                    help="hybrid,inmemory,redis,redis_pubsub,rabbitmq")
+    ap.add_argument("--layers",
+                    default="hybrid,hybrid_spin,inmemory,redis,redis_pubsub,rabbitmq",
+                    help="hybrid,hybrid_spin,inmemory,redis,redis_pubsub,rabbitmq")
     ap.add_argument("--sizes", help="100B,10KB,1MB (default: all; --quick: 100B,1MB)")
     ap.add_argument("--fanout-rate", type=float, default=None,
                     help="group_sends per second in fanout-paced (default 100: 10k "
@@ -657,7 +665,7 @@ def main(argv: list[str] | None = None) -> int:
         rabbitmq_env, why = probe_rabbitmq_python(args.rabbitmq_python)
         if why:
             skipped["rabbitmq"] = why
-    if "hybrid" in layers and CROSS & set(scenarios) and not amqp_up:
+    if {"hybrid", "hybrid_spin"} & set(layers) and CROSS & set(scenarios) and not amqp_up:
         skipped["hybrid (xpingpong, xthroughput)"] = (
             "RabbitMQ not reachable at 127.0.0.1:5672: broker mode cannot run")
     notes: list[str] = []
@@ -676,7 +684,7 @@ def main(argv: list[str] | None = None) -> int:
                     allowed = LAYERS[layer][1]
                     if layer in skipped or (allowed is not None and sc not in allowed):
                         continue
-                    if layer == "hybrid" and sc in CROSS and not amqp_up:
+                    if LAYERS[layer][0] == "hybrid" and sc in CROSS and not amqp_up:
                         continue
                     plan.append((layer, sc, size, run))
 

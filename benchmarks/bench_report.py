@@ -46,7 +46,8 @@ DASH = "\u2013"  # en dash
 SCENARIO_ORDER = ("single", "pingpong", "throughput", "fanout-paced", "fanout-unpaced",
                   "xpingpong", "xthroughput")
 SIZE_ORDER = ("100B", "10KB", "1MB")
-LAYER_ORDER = ("hybrid", "inmemory", "redis", "redis_pubsub", "rabbitmq")
+LAYER_ORDER = ("hybrid", "hybrid_spin", "inmemory", "redis", "redis_pubsub", "rabbitmq")
+OURS = ("hybrid", "hybrid_spin")  # compared with every other layer of the same run
 
 
 # ---------------------------------------------------------------------------- machine
@@ -238,15 +239,15 @@ def summarise(records: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, 
     # ratios hybrid / peer, computed run by run, then the median over runs
     ratios = []
     by_run = {(r["layer"], r["scenario"], r["size"], r["run"]): r for r in records}
-    peers = [lyr for lyr in LAYER_ORDER if lyr != "hybrid"
-             and any(r["layer"] == lyr for r in records)]
+    present = [lyr for lyr in LAYER_ORDER if any(r["layer"] == lyr for r in records)]
+    peers = [lyr for lyr in present if lyr not in OURS]
     for sc in SCENARIO_ORDER:
         for size in SIZE_ORDER:
-            for peer in peers:
+            for ours, peer in ((o, p) for o in OURS if o in present for p in peers):
                 for metric, label, higher, _ in HEADLINE.get(sc, []):
                     per_run = []
                     for run in range(meta["runs"]):
-                        h = by_run.get(("hybrid", sc, size, run))
+                        h = by_run.get((ours, sc, size, run))
                         p = by_run.get((peer, sc, size, run))
                         if not h or not p:
                             continue
@@ -256,7 +257,8 @@ def summarise(records: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, 
                         per_run.append(hv / pv)
                     st = _stats(per_run)
                     if st:
-                        ratios.append({"scenario": sc, "size": size, "peer": peer,
+                        ratios.append({"scenario": sc, "size": size, "layer": ours,
+                                       "peer": peer,
                                        "metric": metric, "label": label,
                                        "higher_is_better": higher, **st})
     return {"rows": rows, "ratios": ratios}
@@ -369,14 +371,14 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
         lines += _table(header, body)
         lines.append("")
     if summary["ratios"]:
-        lines += [f"## hybrid ÷ peer (same run, median over runs, min{DASH}max)", "",
+        lines += [f"## ours ÷ peer (same run, median over runs, min{DASH}max)", "",
                   "Rates: > 1 means hybrid does more per second. Latencies: < 1 means "
                   "hybrid is faster.", ""]
         body = []
         for r in summary["ratios"]:
-            body.append([r["scenario"], r["size"], r["label"], r["peer"],
-                         spread(r, "ratio")])
-        lines += _table(["scenario", "size", "metric", "peer", "hybrid ÷ peer"], body)
+            body.append([r["scenario"], r["size"], r["label"], r.get("layer", "hybrid"),
+                         r["peer"], spread(r, "ratio")])
+        lines += _table(["scenario", "size", "metric", "ours", "peer", "ours ÷ peer"], body)
         lines.append("")
     lines += ["## Memory (at the end of each measurement, before close)", "",
               "RSS = VmRSS of each worker process; /dev/shm = sum of the sizes of the "
@@ -421,12 +423,12 @@ def _cross_counters(summary: dict[str, Any]) -> list[str]:
     """hybrid_layer's own drop counters in xthroughput (where the lost messages went)."""
     out: list[str] = []
     for row in summary["rows"]:
-        if row["layer"] != "hybrid" or row["scenario"] != "xthroughput":
+        if row["layer"] not in OURS or row["scenario"] != "xthroughput":
             continue
         per = row.get("layer_stats_totals") or {}
         if not per:
             continue
-        out.append(f"- hybrid xthroughput {row['size']}: lost {row.get('lost', 0)} of "
+        out.append(f"- {row['layer']} xthroughput {row['size']}: lost {row.get('lost', 0)} of "
                    f"{row.get('of', 0)} sent over all runs; hybrid_layer's counters over all "
                    "runs: " + "; ".join(f"{k} {v}" for k, v in sorted(per.items())))
     if out:
@@ -447,10 +449,10 @@ def text_table(summary: dict[str, Any], meta: dict[str, Any]) -> str:
             out.append("  ".join(c.ljust(w) for c, w in zip(b, widths, strict=True)))
         out.append("")
     if summary["ratios"]:
-        out.append("== hybrid ÷ peer (same run; rates >1 better, latencies <1 better)")
+        out.append("== hybrid, hybrid_spin ÷ peer (same run; rates >1 better, latencies <1 better)")
         for r in summary["ratios"]:
             out.append(f"{r['scenario']:<15} {r['size']:<5} {r['label']:<13} "
-                       f"{r['peer']:<13} {spread(r, 'ratio')}")
+                       f"{r.get('layer', 'hybrid'):<12} {r['peer']:<13} {spread(r, 'ratio')}")
         out.append("")
     out.append("== memory: RSS max/process, /dev/shm (size / resident)")
     for row in summary["rows"]:

@@ -623,8 +623,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="short runs (about 2 minutes)")
     ap.add_argument("--runs", type=int, default=3, help="repetitions (median over them)")
     ap.add_argument("--scenarios", default=",".join(("single", "pingpong", "throughput",
-                                                     "fanout")),
-                    help="single,pingpong,throughput,fanout (= fanout-paced,fanout-unpaced)")
+                                                     "fanout", "cross")),
+                    help="single,pingpong,throughput,fanout (= fanout-paced,fanout-unpaced),"
+                         "cross (= xpingpong,xthroughput: two host_ids through RabbitMQ)")
     ap.add_argument("--layers",
                     default="hybrid,hybrid_spin,inmemory,redis,redis_pubsub,rabbitmq",
                     help="hybrid,hybrid_spin,inmemory,redis,redis_pubsub,rabbitmq")

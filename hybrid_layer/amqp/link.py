@@ -124,6 +124,7 @@ class Link:
         # direct messages from other hosts waiting for room in a busy reader's inbox
         self.held: dict[str, deque[tuple[bytes, float]]] = {}
         self.held_total = 0
+        self._held_epoch = 0  # the host's flush epoch when the oldest held message came
         self._retry_handle: asyncio.TimerHandle | None = None
         self._prefetch = min(HOST_PREFETCH, cfg.remote_capacity)
         self.max_batch = cfg.publish_batch
@@ -570,8 +571,10 @@ class Link:
         self._bump_syncs()
 
     async def _purge(self) -> None:
-        """flush(): empty what this host owns on the broker."""
-        self.p.counters.dropped_flushed += self._take_all()
+        """flush(): empty what this host owns on the broker (and holds for its readers)."""
+        self.p.counters.dropped_flushed += self._take_all() + self.held_total
+        self.held.clear()
+        self.held_total = 0
         with contextlib.suppress(Exception):
             await self.ch.queue_purge(self.queue)
         for h in set(self.consuming) | set(self.declared):
@@ -612,14 +615,24 @@ class Link:
             self.p.counters.dropped_full += 1
             limited.warning("held-full", "hybrid_layer: copy for %r dropped: full", channel)
             return
+        if self.held_total == 0:
+            self._held_epoch = self._flush_epoch()
         q.append((payload, expires_at))
         self.held_total += 1
         if self._retry_handle is None:
             self._retry_handle = self.loop.call_later(HOLD_RETRY, self._retry_held)
 
+    def _flush_epoch(self) -> int:
+        return int(self.p.ns.flush_epoch())
+
     def _retry_held(self) -> None:
         self._retry_handle = None
         p = self.p
+        if self.held_total and self._flush_epoch() != self._held_epoch:
+            # flush() freed the readers' capacity: what was held before it goes too
+            p.counters.dropped_flushed += self.held_total
+            self.held.clear()
+            self.held_total = 0
         now = time.monotonic()
         for channel in list(self.held):
             q = self.held[channel]

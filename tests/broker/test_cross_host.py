@@ -255,6 +255,18 @@ class TestNormalChannels:
 
 
 class TestCapacityAcrossHosts:
+    def test_flush_drops_what_the_leader_holds_for_busy_readers(self, hosts: HostsFactory) -> None:
+        hs = hosts({"ha": 1, "hb": 1}, capacity=5)
+        dst, src = hs["ha"][0], hs["hb"][0]
+        ch = dst.call("new_channel", "c.")
+        assert src.call("send_many", ch, [{"type": "m", "i": i} for i in range(50)]) == 50
+        assert wait_until(lambda: dst.call("stats").broker["held"] == 45, 10)
+        dst.call("flush")
+        assert wait_until(lambda: dst.call("stats").broker["held"] == 0, 5)
+        assert dst.call("stats").dropped["flushed"] >= 45
+        with pytest.raises(RemoteError, match="Timeout"):
+            dst.call("receive", ch, 0.3)
+
     def test_burst_is_batched_and_a_busy_reader_loses_nothing(self, hosts: HostsFactory) -> None:
         """A burst to one host travels in batches; a reader over its capacity makes the
         receiving leader hold the rest until it reads (FIFO, nothing dropped)."""

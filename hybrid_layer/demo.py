@@ -167,9 +167,7 @@ async def _worker(name: str, cfg: dict[str, Any], cmds: _Commands, events: Any) 
             elif cmd == "ping":
                 result = await _pings(layer, *args)
             elif cmd == "stats":
-                # global_statistics() first publishes this process's own counters
-                g = layer.global_statistics()
-                result = (dataclasses.asdict(layer.statistics()), dataclasses.asdict(g))
+                result = _stats(layer)
             else:
                 raise ValueError(f"unknown command {cmd!r}")
             events.put(("done", name, cid, result))
@@ -181,6 +179,13 @@ async def _worker(name: str, cfg: dict[str, Any], cmds: _Commands, events: Any) 
                 await t
         await layer.close()
     events.put(("done", name, cid, "closed"))
+
+
+def _stats(layer: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(this process's statistics, the host's) as dicts for the demo's report."""
+    # global_statistics() first publishes this process's own counters
+    g = layer.global_statistics()
+    return dataclasses.asdict(layer.statistics()), dataclasses.asdict(g)
 
 
 async def _pings(layer: Any, target: str, n: int) -> list[float]:
@@ -244,8 +249,7 @@ def _producer(name: str, cfg: dict[str, Any], cmds: _Commands, events: Any) -> N
                         break
                     result.append("ok")
             elif cmd == "stats":
-                g = layer.global_statistics()
-                result = (dataclasses.asdict(layer.statistics()), dataclasses.asdict(g))
+                result = _stats(layer)
             else:
                 raise ValueError(f"unknown command {cmd!r}")
             events.put(("done", name, cid, result))

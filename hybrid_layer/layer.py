@@ -93,12 +93,12 @@ class HybridChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             return self._participant
 
     def _valid_channel(self, name: str) -> None:
-        """channels' own check (type, length, characters), once per distinct name."""
-        if name not in self._valid:
-            self.require_valid_channel_name(name)
-            if len(self._valid) >= VALID_NAMES_MAX:
-                self._valid.clear()
-            self._valid.add(name)
+        """channels' own check (type, length, characters) of a name not seen yet (the
+        callers look it up in ``_valid`` first: that lookup is the hot path)."""
+        self.require_valid_channel_name(name)
+        if len(self._valid) >= VALID_NAMES_MAX:
+            self._valid.clear()
+        self._valid.add(name)
 
     def _after_fork_in_child(self) -> None:
         p = self._participant

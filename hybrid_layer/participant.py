@@ -151,40 +151,42 @@ class Participant:
     def send(self, channel: str, msg: bytes | memoryview, expires_at: float) -> int:
         """Route one message; OK, FULL_CHANNEL, FULL_RING or NO_CHANNEL."""
         hit = self._local_dest.get(channel)
-        if hit is not None:  # a process channel on this host, seen before
-            sv = self.ns.slot(hit[0])
-            if sv is None:
+        if hit is None:  # not a process channel on this host seen before
+            dest = route(channel, self.cfg.host_id, self.slot, self.gen)
+            if dest.route is Route.NORMAL:
+                return self.send_normal(channel, msg, expires_at)
+            addr = dest.address
+            if dest.route is Route.UNROUTABLE:
+                if addr is not None and self.cfg.broker:  # another host's process channel
+                    return self.hand_off(
+                        L.KIND_OUT_DIRECT, channel, msg, expires_at, f"h:{addr.host_id}"
+                    )
                 return NO_CHANNEL
-            return self.ns.write(sv, hit[1], L.KIND_DIRECT, hit[2], expires_at, msg, hit[3], hit[4])
-        dest = route(channel, self.cfg.host_id, self.slot, self.gen)
-        if dest.route is Route.NORMAL:
-            return self.send_normal(channel, msg, expires_at)
-        addr = dest.address
-        if dest.route is Route.UNROUTABLE:
-            if addr is not None and self.cfg.broker:  # another host's process channel
-                return self.hand_off(
-                    L.KIND_OUT_DIRECT, channel, msg, expires_at, f"h:{addr.host_id}"
-                )
-            return NO_CHANNEL
-        if addr is None or addr.bucket >= self.K:
-            return NO_CHANNEL
-        cache = self._local_dest
-        if len(cache) >= LOCAL_DEST_MAX:
-            cache.clear()
-        hit = cache[channel] = (
-            addr.slot,
-            addr.gen,
-            channel.encode(),
-            addr.bucket,
-            self.capacity_for(channel),
-        )
-        sv = self.own if dest.route is Route.OWN else self.ns.slot(addr.slot)
+            if addr is None or addr.bucket >= self.K:
+                return NO_CHANNEL
+            cache = self._local_dest
+            if len(cache) >= LOCAL_DEST_MAX:
+                cache.clear()
+            hit = cache[channel] = (
+                addr.slot,
+                addr.gen,
+                channel.encode(),
+                addr.bucket,
+                self.capacity_for(channel),
+            )
+        slot, gen, name_b, bucket, cap = hit
+        sv = self.ns.slot(slot)
         if sv is None:
             return NO_CHANNEL
-        return self.ns.write(sv, hit[1], L.KIND_DIRECT, hit[2], expires_at, msg, hit[3], hit[4])
+        return self.ns.write(sv, gen, L.KIND_DIRECT, name_b, expires_at, msg, bucket, cap)
 
     def normal_bucket(self, channel: str) -> int:
         return self.K + name_hash("n", channel) % self.K
+
+    def _normal_readers(self, channel: str) -> tuple[list[SlotView], int, int]:
+        """(slots reading normal channel ``channel`` on this host, its bucket, capacity)."""
+        readers = self.ns.slots_with(name_hash("n", channel))
+        return readers, self.normal_bucket(channel), self.capacity_for(channel)
 
     def hand_off(
         self, kind: int, name: str, msg: bytes | memoryview, expires_at: float, key: str | None
@@ -243,8 +245,7 @@ class Participant:
                 return r
             # no reader on this host: the channel's shared queue on the broker
             return self.hand_off(L.KIND_OUT_NORMAL, channel, msg, expires_at, f"n:{channel}")
-        h = name_hash("n", channel)
-        bucket = self.K + h % self.K
+        bucket = self.normal_bucket(channel)
         cap = self.capacity_for(channel)
         name_b = channel.encode()
         # while the leader holds parked messages for this channel, everything goes
@@ -317,12 +318,9 @@ class Participant:
 
     def deliver_normal(self, channel: str, msg: bytes | memoryview, expires_at: float) -> int:
         """To one reader of normal channel ``channel`` on this host (round robin)."""
-        h = name_hash("n", channel)
-        readers = self.ns.slots_with(h)
+        readers, bucket, cap = self._normal_readers(channel)
         if not readers:
             return NO_CHANNEL
-        bucket = self.K + h % self.K
-        cap = self.capacity_for(channel)
         name_b = channel.encode()
         start = self.rr.get(channel, 0)
         self.rr[channel] = start + 1
@@ -377,12 +375,9 @@ class Participant:
     def normal_room(self, channel: str) -> int:
         """OK if a reader of ``channel`` on this host has room for one more message,
         FULL_CHANNEL if they are all full, NO_CHANNEL if there is none."""
-        h = name_hash("n", channel)
-        readers = self.ns.slots_with(h)
+        readers, bucket, cap = self._normal_readers(channel)
         if not readers:
             return NO_CHANNEL
-        bucket = self.K + h % self.K
-        cap = self.capacity_for(channel)
         for sv in readers:
             if sv.pending(bucket) < cap:
                 return OK

@@ -127,7 +127,6 @@ class Link:
         self._held_epoch = 0  # the host's flush epoch when the oldest held message came
         self._retry_handle: asyncio.TimerHandle | None = None
         self._prefetch = min(HOST_PREFETCH, cfg.remote_capacity)
-        self.max_batch = cfg.publish_batch
         self.closing = False
         self.thread_id = threading.get_ident()
         self._set_state(L.LINK_CONNECTING)
@@ -279,7 +278,7 @@ class Link:
                 await asyncio.sleep(0.1)
         # acknowledged (in batches) so that a stalled leader holds at most the prefetch
         # and the rest waits on the broker, where remote_capacity applies
-        await ch.basic_qos(prefetch_count=min(HOST_PREFETCH, cfg.remote_capacity))
+        await ch.basic_qos(prefetch_count=self._prefetch)
         self._ack_tag = 0
         self._ack_scheduled = False
         self._ack_held_back = False  # (tags of the old channel mean nothing here)
@@ -368,11 +367,12 @@ class Link:
                     await self._room.wait()
                 batch = [out.popleft()]
                 kind, name = batch[0][0], batch[0][1]
+                dest = self._route(kind, name)
                 if kind != L.KIND_OUT_NORMAL:
                     # what follows for the same destination goes in the same AMQP message
                     size = len(batch[0][2])
-                    dest = self._route(kind, name)
-                    while out and len(batch) < self.max_batch and size < MAX_BATCH_BYTES:
+                    limit = self.cfg.publish_batch
+                    while out and len(batch) < limit and size < MAX_BATCH_BYTES:
                         nxt = out[0]
                         if nxt[0] != kind or (nxt[1] != name and self._route(kind, nxt[1]) != dest):
                             break
@@ -381,7 +381,7 @@ class Link:
                 if self.busy and len(out) <= LOW_WATER:
                     self.busy = False
                     self.p.ns.link_set(L.LQ_BUSY, 0)
-                await self._publish(batch)
+                await self._publish(batch, dest)
 
     def _route(self, kind: int, name: str) -> tuple[str, str, bool] | None:
         """(exchange, routing key, mandatory) of a direct or group message; ``None`` for
@@ -396,8 +396,13 @@ class Link:
             return cfg.groups_exchange, group_key(cfg.prefix, name_hash("g", name)), False
         return "", normal_queue(cfg.prefix, name_hash("n", name)), True
 
-    async def _publish(self, batch: list[tuple[int, str, bytes, float, str | None]]) -> None:
-        """One AMQP message: one frame, or a batch of frames for one destination."""
+    async def _publish(
+        self,
+        batch: list[tuple[int, str, bytes, float, str | None]],
+        dest: tuple[str, str, bool] | None,
+    ) -> None:
+        """One AMQP message to ``dest`` (``_route`` of the first): one frame, or a batch
+        of frames for that one destination."""
         cfg = self.cfg
         c = self.p.counters
         kind, name, _, _, key = batch[0]
@@ -416,7 +421,6 @@ class Link:
             )
         if not frames:
             return
-        dest = self._route(kind, name)
         if dest is None:
             c.dropped_no_channel += len(frames)
             return
@@ -572,9 +576,7 @@ class Link:
 
     async def _purge(self) -> None:
         """flush(): empty what this host owns on the broker (and holds for its readers)."""
-        self.p.counters.dropped_flushed += self._take_all() + self.held_total
-        self.held.clear()
-        self.held_total = 0
+        self.p.counters.dropped_flushed += self._take_all() + self._clear_held()
         with contextlib.suppress(Exception):
             await self.ch.queue_purge(self.queue)
         for h in set(self.consuming) | set(self.declared):
@@ -611,28 +613,25 @@ class Link:
         While ``HOLD_MAX`` messages are held, deliveries stop being acknowledged, so the
         broker stops sending (prefetch): the host queue fills, its ``x-max-length``
         rejects, and senders on other hosts get ``ChannelFull``."""
-        if self.held_total >= HOLD_MAX + self._prefetch * PUBLISH_BATCH_MAX:  # (never)
+        # a bound on memory even against a peer that batches beyond PUBLISH_BATCH_MAX
+        # (conforming ones cannot get here: prefetch stops deliveries first)
+        if self.held_total >= HOLD_MAX + self._prefetch * PUBLISH_BATCH_MAX:
             self.p.counters.dropped_full += 1
             limited.warning("held-full", "hybrid_layer: copy for %r dropped: full", channel)
             return
         if self.held_total == 0:
-            self._held_epoch = self._flush_epoch()
+            self._held_epoch = self.p.ns.flush_epoch()
         q.append((payload, expires_at))
         self.held_total += 1
         if self._retry_handle is None:
             self._retry_handle = self.loop.call_later(HOLD_RETRY, self._retry_held)
 
-    def _flush_epoch(self) -> int:
-        return int(self.p.ns.flush_epoch())
-
     def _retry_held(self) -> None:
         self._retry_handle = None
         p = self.p
-        if self.held_total and self._flush_epoch() != self._held_epoch:
+        if self.held_total and p.ns.flush_epoch() != self._held_epoch:
             # flush() freed the readers' capacity: what was held before it goes too
-            p.counters.dropped_flushed += self.held_total
-            self.held.clear()
-            self.held_total = 0
+            p.counters.dropped_flushed += self._clear_held()
         now = time.monotonic()
         for channel in list(self.held):
             q = self.held[channel]
@@ -655,12 +654,17 @@ class Link:
             if self.ch is not None:
                 self._send_ack(self.ch)
 
+    def _clear_held(self) -> int:
+        """Forget every held message; returns how many (the caller counts them)."""
+        n, self.held_total = self.held_total, 0
+        self.held.clear()
+        return n
+
     def _drop_held(self, why: str) -> None:
         if self._retry_handle is not None:
             self._retry_handle.cancel()
             self._retry_handle = None
-        n, self.held_total = self.held_total, 0
-        self.held.clear()
+        n = self._clear_held()
         if n:
             self.p.counters.dropped_full += n
             limited.warning("held-drop", "hybrid_layer: %d held messages dropped: %s", n, why)

@@ -60,6 +60,7 @@ MAX_BATCH_BYTES = 256 * 1024  # a batch (CONFIG publish_batch) stops at about th
 HOLD_MAX = 10_000  # direct messages held for busy readers before acks are held back
 HOLD_LOW = 5_000  # ... and acknowledged again under this
 HOLD_RETRY = 0.002  # seconds between attempts to place held messages
+ACK_DELAY = 0.001  # deliveries are acknowledged (multiple) this long after the first
 NORMAL_PAUSE = 0.05  # stop consuming a normal queue this long when its readers are full
 
 KIND_TO_WIRE = {
@@ -282,7 +283,8 @@ class Link:
         self._ack_tag = 0
         self._ack_scheduled = False
         self._ack_held_back = False  # (tags of the old channel mean nothing here)
-        await ch.basic_consume(self.queue, self._on_host_message)
+        ok = await ch.basic_consume(self.queue, self._on_host_message)
+        _run_inline(ch, ok.consumer_tag, self._on_host_message)
         nch = self.nch = await conn.channel(publisher_confirms=False)
         await nch.basic_qos(prefetch_count=PREFETCH)
         self.bound = set()
@@ -678,7 +680,9 @@ class Link:
             return
         if not self._ack_scheduled:
             self._ack_scheduled = True
-            self.loop.call_soon(self._send_ack, msg.channel)
+            # not call_soon: the ack (a task, a frame) would run before this thread
+            # sleeps, and the reader woken by the delivery waits for the GIL until then
+            self.loop.call_later(ACK_DELAY, self._send_ack, msg.channel)
 
     def _send_ack(self, ch: Any) -> None:
         self._ack_scheduled = False
@@ -690,7 +694,7 @@ class Link:
             task = asyncio.ensure_future(ch.basic_ack(tag, multiple=True))
             task.add_done_callback(_ignore_result)
 
-    async def _on_host_message(self, msg: DeliveredMessage) -> None:
+    def _on_host_message(self, msg: DeliveredMessage) -> None:
         self._ack_later(msg)
         try:
             parts = wire.split(msg.body)
@@ -784,6 +788,28 @@ class Link:
             "held": self.held_total,
             "syncs": self.syncs,
         }
+
+
+async def _nothing() -> None:
+    return None
+
+
+def _run_inline(ch: Any, tag: str, callback: Any) -> None:
+    """Have aiormq call ``callback`` (a plain function) as it reads a delivery, not in
+    a task of its own per message (one event-loop pass less on every delivery). aiormq
+    wraps a consumer in a coroutine function and makes a task of what it returns; this
+    returns a finished one. Only if that dict is there: else aiormq's own way stays."""
+    consumers = getattr(ch, "consumers", None)
+    if isinstance(consumers, dict) and tag in consumers:
+
+        def inline(msg: DeliveredMessage) -> Any:
+            try:
+                callback(msg)
+            except Exception:  # aiormq's reader must go on (it logged a task's failure)
+                log.exception("hybrid_layer: cannot handle a delivery from RabbitMQ")
+            return _nothing()
+
+        consumers[tag] = inline
 
 
 def _ignore_result(fut: asyncio.Future[Any]) -> None:

@@ -470,3 +470,43 @@ def test_short_lived_sync_sender_on_its_own_host(
     assert done.returncode == 0, done.stderr
     assert web[1].call("receive", ch, 10.0) == {"type": "news.item", "n": 1}
     assert web[1].call("receive", ch, 10.0) == {"type": "direct", "n": 2}
+
+
+async def test_a_failing_delivery_does_not_stop_the_host_queue(
+    broker_url: str, ns_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Deliveries run inline in aiormq's channel reader (no task per message): an
+    exception there is logged, and the messages after it still arrive."""
+    from hybrid_layer import HybridChannelLayer
+
+    cfg: dict[str, Any] = {"prefix": ns_prefix, "host": broker_url}
+    a = HybridChannelLayer(host_id="ha", **cfg)
+    b = HybridChannelLayer(host_id="hb", **cfg)
+    try:
+        ca = await a.new_channel()
+        await b.new_channel()
+        assert wait_until(
+            lambda: a.statistics().broker["link"] == b.statistics().broker["link"] == "up", 10
+        )
+        pa = a._p()
+        real = pa.deliver_direct
+        calls = []
+
+        def fail_once(*args: Any) -> int:
+            calls.append(args[0])
+            if len(calls) == 1:
+                raise RuntimeError("injected")
+            return real(*args)
+
+        pa.deliver_direct = fail_once  # type: ignore[method-assign]
+        await b.send(ca, {"type": "lost", "n": 0})
+        assert wait_until(lambda: len(calls) == 1, 10)
+        for n in range(1, 4):
+            await b.send(ca, {"type": "hello", "n": n})
+        for n in range(1, 4):
+            assert await asyncio.wait_for(a.receive(ca), 10) == {"type": "hello", "n": n}
+        assert "cannot handle a delivery" in caplog.text
+        assert a.statistics().broker["link"] == "up"
+    finally:
+        await a.close()
+        await b.close()

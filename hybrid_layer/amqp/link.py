@@ -29,8 +29,9 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import aiormq
-from aiormq.abc import DeliveredMessage
+from aiormq.abc import ChannelFrame, DeliveredMessage
 from pamqp import commands as spec
+from pamqp.header import ContentHeader
 
 from .. import names
 from .._log import limited
@@ -99,6 +100,7 @@ class Link:
         self.queue = host_queue(cfg.prefix, cfg.host_id)
         self.out: deque[tuple[int, str, bytes, float, str | None]] = deque()
         self._kicked = False
+        self._publishing = False  # the publisher task is at work (not waiting for _wake)
         self._wake = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
@@ -111,6 +113,7 @@ class Link:
         self.url = ""
         self.conn: Any = None
         self.ch: Any = None  # publishing, host queue, bindings
+        self._fast_publish = False  # publishes queued by _publish_frame (see there)
         self.nch: Any = None  # normal-channel queues (prefetch, acks)
         self.bound: set[int] = set()
         self.consuming: dict[int, str] = {}  # normal hash -> consumer tag
@@ -157,10 +160,10 @@ class Link:
             return
         self._kicked = True
         if threading.get_ident() == self.thread_id:
-            self._wake.set()
+            self.loop.call_soon(self._publish_soon)
         else:
             with contextlib.suppress(RuntimeError):
-                self.loop.call_soon_threadsafe(self._wake.set)
+                self.loop.call_soon_threadsafe(self._publish_soon)
 
     def request_sync(self) -> None:
         with contextlib.suppress(RuntimeError):
@@ -254,6 +257,7 @@ class Link:
             kwargs["context"] = cfg.ssl_context
         conn = self.conn = await aiormq.connect(_with_heartbeat(url, cfg.heartbeat), **kwargs)
         ch = self.ch = await conn.channel(publisher_confirms=True)
+        self._fast_publish = _can_publish_directly(ch)
         await ch.exchange_declare(cfg.groups_exchange, exchange_type="direct")
         args: dict[str, Any] = {
             "x-max-length": cfg.remote_capacity,
@@ -276,6 +280,7 @@ class Link:
                     cfg.host_id,
                 )
                 ch = self.ch = await conn.channel(publisher_confirms=True)
+                self._fast_publish = _can_publish_directly(ch)
                 await asyncio.sleep(0.1)
         # acknowledged (in batches) so that a stalled leader holds at most the prefetch
         # and the rest waits on the broker, where remote_capacity applies
@@ -363,27 +368,76 @@ class Link:
             await self._wake.wait()
             self._wake.clear()
             self._kicked = False
-            while out:
-                if self.in_flight >= MAX_IN_FLIGHT:
-                    self._room.clear()
-                    await self._room.wait()
-                batch = [out.popleft()]
-                kind, name = batch[0][0], batch[0][1]
-                dest = self._route(kind, name)
-                if kind != L.KIND_OUT_NORMAL:
-                    # what follows for the same destination goes in the same AMQP message
-                    size = len(batch[0][2])
-                    limit = self.cfg.publish_batch
-                    while out and len(batch) < limit and size < MAX_BATCH_BYTES:
-                        nxt = out[0]
-                        if nxt[0] != kind or (nxt[1] != name and self._route(kind, nxt[1]) != dest):
-                            break
-                        batch.append(out.popleft())
-                        size += len(nxt[2])
-                if self.busy and len(out) <= LOW_WATER:
-                    self.busy = False
-                    self.p.ns.link_set(L.LQ_BUSY, 0)
-                await self._publish(batch, dest)
+            self._publishing = True
+            try:
+                while out:
+                    if self.in_flight >= MAX_IN_FLIGHT:
+                        self._room.clear()
+                        await self._room.wait()
+                    batch, dest = self._next_batch()
+                    kind, name = batch[0][0], batch[0][1]
+                    if kind == L.KIND_OUT_NORMAL and dest is not None:
+                        h = name_hash("n", name)
+                        when = self.declared.get(h)
+                        if when is None or time.monotonic() - when > DECLARE_AGAIN:
+                            await self._declare_normal(h, name)
+                    frame = self._publish(batch, dest)
+                    if frame is not None:
+                        await self.ch.write_queue.put(frame)
+            finally:
+                self._publishing = False
+
+    def _publish_soon(self) -> None:
+        """Loop thread, on a kick: publish at once what needs no waiting, which saves
+        the publisher task's turn of the loop on every message's way out; anything else
+        (a full write queue or in-flight window, a normal channel's declare) is left to
+        the task, which also takes over whenever it is already at work (order)."""
+        self._kicked = False
+        out = self.out
+        ch = self.ch
+        if (
+            out
+            and self._fast_publish
+            and not self._publishing
+            and self.state == L.LINK_UP
+            and ch is not None
+            and not ch.is_closed
+        ):
+            wq = ch.write_queue
+            while (
+                out
+                and out[0][0] != L.KIND_OUT_NORMAL
+                and self.in_flight < MAX_IN_FLIGHT
+                and not wq.full()
+            ):
+                frame = self._publish(*self._next_batch())
+                if frame is not None:
+                    wq.put_nowait(frame)
+        if out:
+            self._wake.set()
+
+    def _next_batch(
+        self,
+    ) -> tuple[list[tuple[int, str, bytes, float, str | None]], tuple[str, str, bool] | None]:
+        """Take the next AMQP message's worth from ``out``: the first message and, for a
+        host or group, those after it for the same destination (``publish_batch``)."""
+        out = self.out
+        batch = [out.popleft()]
+        kind, name = batch[0][0], batch[0][1]
+        dest = self._route(kind, name)
+        if kind != L.KIND_OUT_NORMAL:
+            size = len(batch[0][2])
+            limit = self.cfg.publish_batch
+            while out and len(batch) < limit and size < MAX_BATCH_BYTES:
+                nxt = out[0]
+                if nxt[0] != kind or (nxt[1] != name and self._route(kind, nxt[1]) != dest):
+                    break
+                batch.append(out.popleft())
+                size += len(nxt[2])
+        if self.busy and len(out) <= LOW_WATER:
+            self.busy = False
+            self.p.ns.link_set(L.LQ_BUSY, 0)
+        return batch, dest
 
     def _route(self, kind: int, name: str) -> tuple[str, str, bool] | None:
         """(exchange, routing key, mandatory) of a direct or group message; ``None`` for
@@ -398,13 +452,15 @@ class Link:
             return cfg.groups_exchange, group_key(cfg.prefix, name_hash("g", name)), False
         return "", normal_queue(cfg.prefix, name_hash("n", name)), True
 
-    async def _publish(
+    def _publish(
         self,
         batch: list[tuple[int, str, bytes, float, str | None]],
         dest: tuple[str, str, bool] | None,
-    ) -> None:
+    ) -> Any:
         """One AMQP message to ``dest`` (``_route`` of the first): one frame, or a batch
-        of frames for that one destination."""
+        of frames for that one destination. Returns what the caller puts on the
+        channel's write queue (``_fast_publish``), else None (published in a task, or
+        nothing to publish)."""
         cfg = self.cfg
         c = self.p.counters
         kind, name, _, _, key = batch[0]
@@ -422,30 +478,32 @@ class Link:
                 wire.encode(wkind, cfg.host_id, fname, now_wall + remaining, payload, self.crypter)
             )
         if not frames:
-            return
+            return None
         if dest is None:
             c.dropped_no_channel += len(frames)
-            return
+            return None
         exchange, rk, mandatory = dest
-        if kind == L.KIND_OUT_NORMAL:
-            h = name_hash("n", name)
-            when = self.declared.get(h)
-            if when is None or now_mono - when > DECLARE_AGAIN:
-                await self._declare_normal(h, name)
         body = frames[0] if len(frames) == 1 else wire.encode_batch(frames)
         # the broker's own expiry: the latest of the batch (each frame carries its own)
         props = spec.Basic.Properties(delivery_mode=1, expiration=str(max(1, int(longest * 1000))))
         n = len(frames)
         self.in_flight += 1
-        fut = asyncio.ensure_future(
-            self.ch.basic_publish(
-                body, exchange=exchange, routing_key=rk, properties=props, mandatory=mandatory
+        ch = self.ch
+        fut: asyncio.Future[Any]
+        frame = None
+        if self._fast_publish:
+            fut, frame = _publish_frame(ch, body, exchange, rk, props, mandatory)
+        else:
+            fut = asyncio.ensure_future(
+                ch.basic_publish(
+                    body, exchange=exchange, routing_key=rk, properties=props, mandatory=mandatory
+                )
             )
-        )
         fut.add_done_callback(lambda f: self._confirmed(f, key, name, n))
         c.broker_published += n
         if n > 1:
             c.broker_batches += 1
+        return frame
 
     def _confirmed(self, fut: asyncio.Future[Any], key: str | None, name: str, n: int) -> None:
         self.in_flight -= 1
@@ -788,6 +846,54 @@ class Link:
             "held": self.held_total,
             "syncs": self.syncs,
         }
+
+
+_CHANNEL_PUBLISH_STATE = (
+    "delivery_tag",
+    "confirmations",
+    "message_id_delivery_tag",
+    "write_queue",
+    "number",
+    "create_future",
+    "_split_body",
+)
+
+
+def _can_publish_directly(ch: Any) -> bool:
+    return bool(getattr(ch, "publisher_confirms", False)) and all(
+        hasattr(ch, a) for a in _CHANNEL_PUBLISH_STATE
+    )
+
+
+def _publish_frame(
+    ch: Any, body: bytes, exchange: str, rk: str, props: Any, mandatory: bool
+) -> tuple[asyncio.Future[Any], Any]:
+    """What ``ch.basic_publish`` does before it waits, without its task, lock, timeout
+    and drain: take the next delivery tag, register the confirmation future (and the
+    message id that a ``basic.return`` is matched by), and marshal the three frames
+    into one write. Returns (the confirmation, the frame for ``ch.write_queue``).
+
+    The link is the only publisher on ``ch`` and puts each frame on the queue before it
+    takes the next tag, so tags follow the order on the wire, which is all confirms
+    need. Publishing does not wait for an RPC on the channel (``queue_bind``) to be
+    answered: basic.publish is an asynchronous method, which AMQP allows meanwhile.
+    Used only where the channel has the state it relies on (aiormq 6.8 to 7).
+    """
+    ch.delivery_tag += 1
+    tag = ch.delivery_tag
+    mid = str(tag)
+    props.message_id = mid
+    fut = ch.create_future()
+    ch.confirmations[tag] = fut
+    ids = ch.message_id_delivery_tag
+    ids[mid] = tag
+    fut.add_done_callback(lambda _: ids.pop(mid, None))
+    frames = [
+        spec.Basic.Publish(exchange=exchange, routing_key=rk, mandatory=mandatory),
+        ContentHeader(properties=props, body_size=len(body)),
+        *ch._split_body(body),
+    ]
+    return fut, ChannelFrame.marshall(channel_number=ch.number, frames=frames)
 
 
 async def _nothing() -> None:

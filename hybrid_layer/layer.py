@@ -173,8 +173,8 @@ class HybridChannelLayer(BaseChannelLayer):  # type: ignore[misc]
                 if "!" not in channel:
                     p.ensure_reader(channel)
                 loop = asyncio.get_running_loop()
-                p.drain(loop)
-                item = p.take(channel)
+                if p.drain(loop):
+                    item = p.take(channel)
                 if item is None and self._spin:
                     item = self._spin_take(p, channel, loop)
                 while item is None:

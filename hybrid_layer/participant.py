@@ -103,6 +103,10 @@ class Participant:
         # registration costs nothing: the bell rings only while someone waits)
         self.loop_regs: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
         self.n_sleeping = 0  # waiters registered and not yet woken
+        # our waiting flag is up, and was fenced (prepare_sleep) with the ring empty, and
+        # has not been lowered since: a further sleeper needs no fence of its own. Set
+        # under self.lock or by the bell handler; lowered before the flag is.
+        self._armed = False
         self._last_loop: asyncio.AbstractEventLoop | None = None  # (in loop_regs)
         self.groups = GroupTable()
         self.readers: set[str] = set()
@@ -610,6 +614,7 @@ class Participant:
                 return
             self.waiters.setdefault(channel, deque()).append((loop, fut))
             self.n_sleeping += 1
+            armed = self._armed
             register = loop is not self._last_loop and loop not in self.loop_regs
             if register:
                 self.loop_regs.add(loop)
@@ -617,7 +622,11 @@ class Participant:
         if register:
             assert self.ns.bell is not None
             loop.add_reader(self.ns.bell.fd, self._on_bell, loop)
-        if not self.ns.prepare_sleep():
+        if armed:  # the flag is up and fenced since the ring was last seen empty
+            return
+        if self.ns.prepare_sleep():
+            self._armed = True
+        else:
             self.drain(loop)
 
     def remove_waiter(
@@ -636,6 +645,7 @@ class Participant:
                 if not ws:
                     del self.waiters[channel]
             if self.n_sleeping == 0 and not self.closed:
+                self._armed = False
                 self.ns.set_waiting(False)
             # a cancelled receiver that had been woken passes the wake-up on
             if fut.cancelled() and self.queues.get(channel) and channel in self.waiters:
@@ -646,10 +656,14 @@ class Participant:
         if bell is None or self.closed:
             return
         bell.drain()
+        self._armed = False  # (before the flag: see add_waiter)
         self.ns.set_waiting(False)  # writers skip the bell while we are awake and draining
         self.drain(loop)
         # re-arm only if someone is still asleep (not for a waiter we just woke)
-        while self.n_sleeping and not self.closed and not self.ns.prepare_sleep():
+        while self.n_sleeping and not self.closed:
+            if self.ns.prepare_sleep():
+                self._armed = True
+                break
             self.drain(loop)
 
     # ================================================================ draining
@@ -820,17 +834,34 @@ class Participant:
         expires_at = rec.expires_at
         others = []
         own_pending = self.own.pending
+        local = self._local_dest
+        me, gen = self.slot, self.gen
         with self.lock:
             for channel in members:
-                dest = route(channel, self.cfg.host_id, self.slot, self.gen)
-                if dest.route is not Route.OWN or dest.address is None:
+                hit = local.get(channel)
+                if hit is None:
+                    dest = route(channel, self.cfg.host_id, me, gen)
+                    if dest.route is not Route.OWN or dest.address is None:
+                        others.append(channel)
+                        continue
+                    bucket = dest.address.bucket
+                    if bucket >= self.K:
+                        c.dropped_no_channel += 1
+                        continue
+                    if len(local) >= LOCAL_DEST_MAX:
+                        local.clear()
+                    hit = local[channel] = (
+                        me,
+                        gen,
+                        channel.encode(),
+                        bucket,
+                        self.capacity_for(channel),
+                    )
+                elif hit[0] != me or hit[1] != gen:  # another process's channel
                     others.append(channel)
                     continue
-                bucket = dest.address.bucket
-                if bucket >= self.K:
-                    c.dropped_no_channel += 1
-                    continue
-                if own_pending(bucket) >= self.capacity_for(channel):
+                _, _, _, bucket, cap = hit
+                if own_pending(bucket) >= cap:
                     c.dropped_full += 1
                     limited.warning(
                         "grp-full",

@@ -188,3 +188,88 @@ def test_spinning_receivers_answer_every_ping_in_order(remotes: Any) -> None:
     time.sleep(0.05)  # b has gone to sleep on its doorbell (the spin is 2 ms)
     assert a.call("pingpong", ch, 1) == [0]
     assert sum(a.call("stats").dropped.values()) == 0
+
+
+def test_sleepers_on_two_threads_loops_are_all_woken_every_round(
+    remotes: Any, layer_config: dict[str, Any]
+) -> None:
+    """Receivers on two event loops in two threads of one process go to sleep and are
+    woken again, round after round, by group sends from another process. One fenced
+    "waiting" flag covers every sleeper of the process (later sleepers skip the fence
+    while it stays up): a lost wake-up leaves a receiver asleep and fails the wait."""
+    import asyncio
+    import threading
+
+    from hybrid_layer import HybridChannelLayer
+
+    (sender,) = remotes(1)
+    layer = HybridChannelLayer(**layer_config)
+    rounds, per_loop = 150, 8
+    got: dict[str, list[int]] = {}
+    errors: list[BaseException] = []
+    ready = threading.Barrier(3)
+
+    def run_loop() -> None:
+        async def main() -> None:
+            chans = [await layer.new_channel() for _ in range(per_loop)]
+            for ch in chans:
+                got[ch] = []
+                await layer.group_add("g", ch)
+
+            async def pump(ch: str) -> None:
+                while len(got[ch]) < rounds:
+                    got[ch].append((await layer.receive(ch))["r"])
+
+            ready.wait(10)
+            await asyncio.wait_for(asyncio.gather(*(pump(c) for c in chans)), 60)
+
+        try:
+            asyncio.run(main())
+        except BaseException as exc:  # reported by the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run_loop) for _ in range(2)]
+    try:
+        for t in threads:
+            t.start()
+        ready.wait(10)
+        for r in range(rounds):
+            sender.call("group_send", "g", {"type": "m", "r": r})
+            if r % 10 == 0:
+                time.sleep(0.002)  # let every receiver fall asleep again
+        for t in threads:
+            t.join(90)
+        assert not errors, errors
+        assert len(got) == 2 * per_loop
+        for ch, rs in got.items():
+            assert rs == list(range(rounds)), ch
+    finally:
+        async_close(layer)
+
+
+def async_close(layer: Any) -> None:
+    import asyncio
+
+    asyncio.run(layer.close())
+
+
+async def test_a_receiver_that_timed_out_is_rung_on_its_next_sleep(
+    remotes: Any, layer: Any
+) -> None:
+    """A receive() that times out (cancelled) lowers the process's waiting flag; the
+    next sleeper must raise and fence it again (later sleepers skip the fence only
+    while it stays up), or a send from another process finds no sleeper to ring and
+    the receiver waits for the 1-second safety sweep. Each round must arrive well
+    before that sweep."""
+    import asyncio
+
+    (sender,) = remotes(1)
+    ch = await layer.new_channel()
+    for r in range(25):
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(layer.receive(ch), 0.005)
+        task = asyncio.create_task(layer.receive(ch))
+        await asyncio.sleep(0.002)  # asleep on the doorbell
+        sender.call("send", ch, {"type": "m", "r": r})
+        msg = await asyncio.wait_for(task, 0.5)
+        assert msg["r"] == r

@@ -135,9 +135,7 @@ def test_batch_round_trip(frames: list[tuple[int, str, bytes]]) -> None:
     body = wire.encode_batch(encoded)
     parts = wire.split(body)
     assert parts is not None
-    assert [wire.decode(p) for p in parts] == [
-        wire.Frame(k, "ha", n, 1.5, p) for k, n, p in frames
-    ]
+    assert [wire.decode(p) for p in parts] == [wire.Frame(k, "ha", n, 1.5, p) for k, n, p in frames]
 
 
 def test_a_single_frame_is_not_a_batch() -> None:

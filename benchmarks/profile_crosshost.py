@@ -5,8 +5,8 @@ A diagnostic companion of bench.py's xpingpong / xthroughput, with longer runs::
     python benchmarks/profile_crosshost.py latency 5
         ping (host ha) <-> echo (host hb), 100 B: the round-trip quantiles, then the median
         time of every stage of the path (send -> Link.submit -> host thread _publish ->
-        aiormq basic_publish -> socket write -> RabbitMQ -> data_received -> aiormq
-        deliver -> Link._on_host_message -> deliver_direct -> receive returns), from
+        frame queued for aiormq's writer -> socket write -> RabbitMQ -> data_received ->
+        aiormq deliver -> Link._on_host_message -> deliver_direct -> receive returns), from
         CLOCK_MONOTONIC stamps taken by wrappers installed in the worker processes
         (one message in flight, so the k-th stamp of every stage is round trip k)
     python benchmarks/profile_crosshost.py throughput 6 100 [RATE]
@@ -63,8 +63,8 @@ def instrument(stamps: dict[str, list[int]]) -> None:
         setattr(cls, name, w)
 
     wrap_sync(L.Link, "submit", "submit")
-    wrap_async(L.Link, "_publish", "publish")
-    wrap_async(L.Link, "_on_host_message", "on_host_msg")
+    wrap_sync(L.Link, "_publish", "publish")  # (the kick's callback or the publisher task)
+    wrap_sync(L.Link, "_on_host_message", "on_host_msg")  # (inline in aiormq's reader)
     import aiormq.channel as AC
 
     orig_bp = AC.Channel.basic_publish
@@ -73,7 +73,15 @@ def instrument(stamps: dict[str, list[int]]) -> None:
         stamps.setdefault("basic_publish", []).append(mono())
         return await orig_bp(self, *a, **k)
 
-    AC.Channel.basic_publish = bp
+    AC.Channel.basic_publish = bp  # only where the link falls back to it
+    orig_pf = L._publish_frame
+
+    def pf(*a, **k):
+        r = orig_pf(*a, **k)
+        stamps.setdefault("frame_queued", []).append(mono())
+        return r
+
+    L._publish_frame = pf
     from hybrid_layer.participant import Participant
 
     wrap_sync(Participant, "deliver_direct", "deliver_direct")
@@ -225,20 +233,20 @@ def latency(seconds: float) -> None:
     legs = {
         "A main send -> A Link.submit": (sa, "ping_send", sa, "submit"),
         "A submit -> A host-thread _publish": (sa, "submit", sa, "publish"),
-        "A _publish -> basic_publish task runs": (sa, "publish", sa, "basic_publish"),
-        "A basic_publish -> socket write (aiormq writer task)":
-            (sa, "basic_publish", sa, "tx_write"),
+        "A _publish -> frame queued for aiormq's writer": (sa, "publish", sa, "frame_queued"),
+        "A frame queued -> socket write (aiormq writer task)":
+            (sa, "frame_queued", sa, "tx_write"),
         "A socket write -> B data_received (kernel+RabbitMQ)": (sa, "tx_write", sb, "rx_data"),
         "B data_received -> _on_deliver_frame (aiormq reader)":
             (sb, "rx_data", sb, "on_deliver_frame"),
-        "B _on_deliver_frame -> _on_host_message (consumer task)":
+        "B _on_deliver_frame -> _on_host_message (inline)":
             (sb, "on_deliver_frame", sb, "on_host_msg"),
         "B _on_host_message -> deliver_direct": (sb, "on_host_msg", sb, "deliver_direct"),
         "B deliver_direct -> echo receive returns": (sb, "deliver_direct", sb, "echo_recv"),
         "B echo send -> B Link.submit": (sb, "echo_send", sb, "submit"),
         "B submit -> B host-thread _publish": (sb, "submit", sb, "publish"),
-        "B _publish -> basic_publish task runs": (sb, "publish", sb, "basic_publish"),
-        "B basic_publish -> socket write": (sb, "basic_publish", sb, "tx_write"),
+        "B _publish -> frame queued": (sb, "publish", sb, "frame_queued"),
+        "B frame queued -> socket write": (sb, "frame_queued", sb, "tx_write"),
         "B socket write -> A data_received (kernel+RabbitMQ)": (sb, "tx_write", sa, "rx_data"),
         "A data_received -> _on_deliver_frame": (sa, "rx_data", sa, "on_deliver_frame"),
         "A _on_deliver_frame -> _on_host_message": (sa, "on_deliver_frame", sa, "on_host_msg"),

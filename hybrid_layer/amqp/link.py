@@ -871,7 +871,8 @@ def _publish_frame(
     """What ``ch.basic_publish`` does before it waits, without its task, lock, timeout
     and drain: take the next delivery tag, register the confirmation future (and the
     message id that a ``basic.return`` is matched by), and marshal the three frames
-    into one write. Returns (the confirmation, the frame for ``ch.write_queue``).
+    into one write (``wire.publish_frames`` when the body fits one frame, else pamqp).
+    Returns (the confirmation, the frame for ``ch.write_queue``).
 
     The link is the only publisher on ``ch`` and puts each frame on the queue before it
     takes the next tag, so tags follow the order on the wire, which is all confirms
@@ -888,6 +889,11 @@ def _publish_frame(
     ids = ch.message_id_delivery_tag
     ids[mid] = tag
     fut.add_done_callback(lambda _: ids.pop(mid, None))
+    if 0 < len(body) < getattr(ch, "max_content_size", 0):  # one body frame
+        data = wire.publish_frames(
+            ch.number, exchange, rk, mandatory, body, props.delivery_mode, props.expiration, mid
+        )
+        return fut, ChannelFrame(payload=data, should_close=False)
     frames = [
         spec.Basic.Publish(exchange=exchange, routing_key=rk, mandatory=mandatory),
         ContentHeader(properties=props, body_size=len(body)),

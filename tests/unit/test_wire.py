@@ -174,3 +174,50 @@ def test_garbage_batch_is_a_wire_error_or_frames(data: bytes) -> None:
 def test_batch_size_is_bounded() -> None:
     with pytest.raises(ValueError, match="1 to"):
         wire.encode_batch([])
+
+
+# ---------------------------------------------------------------- basic.publish frames
+def _pamqp_publish(
+    channel: int, exchange: str, rk: str, mandatory: bool, body: bytes, exp: str, mid: str
+) -> bytes:
+    from pamqp import commands as spec
+    from pamqp import frame
+    from pamqp.body import ContentBody
+    from pamqp.header import ContentHeader
+
+    props = spec.Basic.Properties(delivery_mode=1, expiration=exp, message_id=mid)
+    return (
+        frame.marshal(
+            spec.Basic.Publish(exchange=exchange, routing_key=rk, mandatory=mandatory), channel
+        )
+        + frame.marshal(ContentHeader(0, len(body), props), channel)
+        + frame.marshal(ContentBody(body), channel)
+    )
+
+
+# (pamqp accepts only these in an exchange name; host ids and prefixes are names too)
+_short = st.text(
+    alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:", max_size=127
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    channel=st.integers(1, 65535),
+    exchange=_short,
+    rk=_short,
+    mandatory=st.booleans(),
+    body=st.binary(min_size=1, max_size=3000),
+    exp=st.integers(1, 2**31).map(str),
+    mid=st.integers(1, 2**63).map(str),
+)
+def test_publish_frames_match_pamqp_byte_for_byte(
+    channel: int, exchange: str, rk: str, mandatory: bool, body: bytes, exp: str, mid: str
+) -> None:
+    got = wire.publish_frames(channel, exchange, rk, mandatory, body, 1, exp, mid)
+    assert got == _pamqp_publish(channel, exchange, rk, mandatory, body, exp, mid)
+
+
+def test_publish_frames_reject_a_name_over_255_bytes() -> None:
+    with pytest.raises(wire.WireError, match="255"):
+        wire.publish_frames(1, "", "q" * 256, True, b"x", 1, "1000", "1")

@@ -487,18 +487,34 @@ class Link:
         # the broker's own expiry: the latest of the batch (each frame carries its own)
         props = spec.Basic.Properties(delivery_mode=1, expiration=str(max(1, int(longest * 1000))))
         n = len(frames)
-        self.in_flight += 1
         ch = self.ch
         fut: asyncio.Future[Any]
         frame = None
-        if self._fast_publish:
-            fut, frame = _publish_frame(ch, body, exchange, rk, props, mandatory)
-        else:
-            fut = asyncio.ensure_future(
-                ch.basic_publish(
-                    body, exchange=exchange, routing_key=rk, properties=props, mandatory=mandatory
+        try:
+            if self._fast_publish:
+                fut, frame = _publish_frame(ch, body, exchange, rk, props, mandatory)
+            else:
+                fut = asyncio.ensure_future(
+                    ch.basic_publish(
+                        body,
+                        exchange=exchange,
+                        routing_key=rk,
+                        properties=props,
+                        mandatory=mandatory,
+                    )
                 )
+        except Exception as exc:  # not published: counted, never lost silently
+            c.dropped_link_down += n
+            limited.warning(
+                "publish-failed",
+                "hybrid_layer: %d message(s) to %r dropped: cannot publish (%s: %s)",
+                n,
+                name,
+                type(exc).__name__,
+                exc,
             )
+            return None
+        self.in_flight += 1
         fut.add_done_callback(lambda f: self._confirmed(f, key, name, n))
         c.broker_published += n
         if n > 1:
@@ -880,26 +896,32 @@ def _publish_frame(
     answered: basic.publish is an asynchronous method, which AMQP allows meanwhile.
     Used only where the channel has the state it relies on (aiormq 6.8 to 7).
     """
-    ch.delivery_tag += 1
-    tag = ch.delivery_tag
+    tag = ch.delivery_tag + 1
     mid = str(tag)
     props.message_id = mid
-    fut = ch.create_future()
-    ch.confirmations[tag] = fut
-    ids = ch.message_id_delivery_tag
-    ids[mid] = tag
-    fut.add_done_callback(lambda _: ids.pop(mid, None))
+    # the frame first: if it cannot be built, no tag is taken (a gap would shift every
+    # later confirmation onto the wrong message)
     if 0 < len(body) < getattr(ch, "max_content_size", 0):  # one body frame
         data = wire.publish_frames(
             ch.number, exchange, rk, mandatory, body, props.delivery_mode, props.expiration, mid
         )
-        return fut, ChannelFrame(payload=data, should_close=False)
-    frames = [
-        spec.Basic.Publish(exchange=exchange, routing_key=rk, mandatory=mandatory),
-        ContentHeader(properties=props, body_size=len(body)),
-        *ch._split_body(body),
-    ]
-    return fut, ChannelFrame.marshall(channel_number=ch.number, frames=frames)
+        frame = ChannelFrame(payload=data, should_close=False)
+    else:
+        frame = ChannelFrame.marshall(
+            channel_number=ch.number,
+            frames=[
+                spec.Basic.Publish(exchange=exchange, routing_key=rk, mandatory=mandatory),
+                ContentHeader(properties=props, body_size=len(body)),
+                *ch._split_body(body),
+            ],
+        )
+    fut = ch.create_future()
+    ch.delivery_tag = tag
+    ch.confirmations[tag] = fut
+    ids = ch.message_id_delivery_tag
+    ids[mid] = tag
+    fut.add_done_callback(lambda _: ids.pop(mid, None))
+    return fut, frame
 
 
 async def _nothing() -> None:

@@ -23,7 +23,7 @@ from channels.layers import BaseChannelLayer
 from ._log import limited
 from .config import LayerConfig, parse_config
 from .envelope import decode_message, encode_message
-from .errors import ChannelFull, LayerClosed, MessageTooLarge
+from .errors import ChannelFull, MessageTooLarge
 from .names import parse
 from .participant import LINK_CLOSE_WAIT, Item, Participant
 from .shm import layout as L
@@ -75,7 +75,6 @@ class HybridChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         self._spin_misses = 0
         self._spin_skip = 0
         self._attach_lock = threading.Lock()
-        self._closed = False
         _layers.add(self)
 
     # ------------------------------------------------------------------ plumbing
@@ -83,8 +82,6 @@ class HybridChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         p = self._participant
         if p is not None and self._gen == _fork_gen:
             return p
-        if self._closed:
-            raise LayerClosed("this channel layer was closed; create a new one")
         with self._attach_lock:
             if self._participant is None or self._pid != os.getpid():
                 self._participant = Participant(self.config)

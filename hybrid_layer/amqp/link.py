@@ -125,6 +125,7 @@ class Link:
         self._ack_tag = 0
         self._ack_scheduled = False
         self._ack_held_back = False
+        self._ack_task: asyncio.Future[Any] | None = None  # the one basic.ack under way
         # direct messages from other hosts waiting for room in a busy reader's inbox
         self.held: dict[str, deque[tuple[bytes, float]]] = {}
         self.held_total = 0
@@ -288,6 +289,7 @@ class Link:
         self._ack_tag = 0
         self._ack_scheduled = False
         self._ack_held_back = False  # (tags of the old channel mean nothing here)
+        self._ack_task = None
         ok = await ch.basic_consume(self.queue, self._on_host_message)
         _run_inline(ch, ok.consumer_tag, self._on_host_message)
         nch = self.nch = await conn.channel(publisher_confirms=False)
@@ -728,7 +730,7 @@ class Link:
         if self._ack_held_back and self.held_total < HOLD_LOW:
             self._ack_held_back = False
             if self.ch is not None:
-                self._send_ack(self.ch)
+                self._send_ack()
 
     def _clear_held(self) -> int:
         """Forget every held message; returns how many (the caller counts them)."""
@@ -748,6 +750,8 @@ class Link:
     def _ack_later(self, msg: DeliveredMessage) -> None:
         """One ``basic.ack(multiple)`` per burst of deliveries (held back while too many
         messages wait for busy readers)."""
+        if msg.channel is not self.ch:  # a tag of a channel gone since means nothing now
+            return
         self._ack_tag = max(self._ack_tag, msg.delivery.delivery_tag)
         if self.held_total >= HOLD_MAX:
             self._ack_held_back = True
@@ -756,17 +760,33 @@ class Link:
             self._ack_scheduled = True
             # not call_soon: the ack (a task, a frame) would run before this thread
             # sleeps, and the reader woken by the delivery waits for the GIL until then
-            self.loop.call_later(ACK_DELAY, self._send_ack, msg.channel)
+            self.loop.call_later(ACK_DELAY, self._send_ack)
 
-    def _send_ack(self, ch: Any) -> None:
+    def _send_ack(self) -> None:
+        """Acknowledge up to the newest delivered tag. One ack at a time: two ack tasks
+        waiting for room in aiormq's (bounded) write queue can reach the wire out of
+        order, and ``ack(n, multiple)`` after ``ack(m > n, multiple)`` is an unknown
+        tag to the broker, which closes the channel. The next one goes when this one
+        is written."""
         self._ack_scheduled = False
         if self.held_total >= HOLD_MAX:
             self._ack_held_back = True
             return
+        if self._ack_task is not None:
+            return  # _ack_sent sends what has come in since
+        ch = self.ch
         tag, self._ack_tag = self._ack_tag, 0
-        if tag and ch is self.ch and not ch.is_closed:
-            task = asyncio.ensure_future(ch.basic_ack(tag, multiple=True))
-            task.add_done_callback(_ignore_result)
+        if tag and ch is not None and not ch.is_closed:
+            task = self._ack_task = asyncio.ensure_future(ch.basic_ack(tag, multiple=True))
+            task.add_done_callback(self._ack_sent)
+
+    def _ack_sent(self, task: asyncio.Future[Any]) -> None:
+        _ignore_result(task)
+        if task is self._ack_task:
+            self._ack_task = None
+        if self._ack_tag and not self._ack_scheduled:
+            self._ack_scheduled = True
+            self.loop.call_soon(self._send_ack)
 
     def _on_host_message(self, msg: DeliveredMessage) -> None:
         self._ack_later(msg)

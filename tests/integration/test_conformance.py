@@ -1325,3 +1325,20 @@ async def test_hybrid_use_after_close_attaches_a_fresh_participant(
     assert lay.statistics().dropped["no_channel"] == 1
     await lay.send(new, {"x": 2})
     assert await asyncio.wait_for(lay.receive(new), 5) == {"x": 2}
+
+
+async def test_hybrid_a_closed_layer_attaches_again_with_new_channels(
+    make_hybrid: Callable[..., Any],
+) -> None:
+    """close() then use: a new participant (a cached get_channel_layer() survives a
+    teardown); the old channels are gone, and a message to one is dropped and counted."""
+    lay = make_hybrid()
+    old = await lay.new_channel()
+    await lay.close()
+    await lay.send(old, {"x": 1})
+    assert lay.statistics().dropped["no_channel"] == 1
+    new = await lay.new_channel()
+    assert new != old
+    await lay.send(new, {"x": 2})
+    assert await recv(lay, new) == {"x": 2}
+    await lay.close()

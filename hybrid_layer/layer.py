@@ -179,8 +179,10 @@ class HybridChannelLayer(BaseChannelLayer):  # type: ignore[misc]
                     p.add_waiter(channel, loop, fut)
                     try:
                         await fut
-                    finally:
-                        p.remove_waiter(channel, loop, fut)
+                    except BaseException:  # cancelled: maybe woken first, so pass it on
+                        p.remove_waiter(channel, loop, fut, True)
+                        raise
+                    p.remove_waiter(channel, loop, fut)
                     item = p.take(channel)
             try:
                 return decode_message(memoryview(item.body)[item.name_len :])

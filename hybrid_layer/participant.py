@@ -630,8 +630,14 @@ class Participant:
             self.drain(loop)
 
     def remove_waiter(
-        self, channel: str, loop: asyncio.AbstractEventLoop, fut: asyncio.Future[None]
+        self,
+        channel: str,
+        loop: asyncio.AbstractEventLoop,
+        fut: asyncio.Future[None],
+        cancelled: bool = False,
     ) -> None:
+        """After a receiver's wait ends; ``cancelled``: its task was cancelled (maybe
+        after ``fut`` got its result, i.e. after it was woken for a message)."""
         with self.lock:
             # woken normally: _wake_one already took it off the list and counted it
             ws = self.waiters.get(channel) if not fut.done() or fut.cancelled() else None
@@ -648,7 +654,11 @@ class Participant:
                 self._armed = False
                 self.ns.set_waiting(False)
             # a cancelled receiver that had been woken passes the wake-up on
-            if fut.cancelled() and self.queues.get(channel) and channel in self.waiters:
+            if (
+                (cancelled or fut.cancelled())
+                and self.queues.get(channel)
+                and channel in self.waiters
+            ):
                 self._wake_one(channel, loop)
 
     def _on_bell(self, loop: asyncio.AbstractEventLoop) -> None:

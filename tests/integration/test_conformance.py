@@ -1342,3 +1342,24 @@ async def test_hybrid_a_closed_layer_attaches_again_with_new_channels(
     await lay.send(new, {"x": 2})
     assert await recv(lay, new) == {"x": 2}
     await lay.close()
+
+
+async def test_hybrid_a_receiver_cancelled_after_its_wake_up_passes_it_on(
+    make_hybrid: Callable[..., Any],
+) -> None:
+    """Two receives wait on one channel; the message wakes A, and A is cancelled before
+    it runs: B must get the message (not sleep until the next one)."""
+    lay = make_hybrid()
+    p = lay._p()
+    a = asyncio.create_task(lay.receive("work"))
+    await asyncio.sleep(0.05)
+    b = asyncio.create_task(lay.receive("work"))
+    await asyncio.sleep(0.05)
+    await lay.send("work", {"n": 1})
+    while not p.queues.get("work"):  # drained into the local queue: A's wait is over
+        await asyncio.sleep(0)
+    a.cancel()
+    assert await asyncio.wait_for(b, RECV_TIMEOUT) == {"n": 1}
+    with pytest.raises(asyncio.CancelledError):
+        await a
+    await lay.close()

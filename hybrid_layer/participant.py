@@ -95,6 +95,14 @@ class Participant:
         self.pid = os.getpid()
         assert self.ns.own is not None
         self.own: SlotView = self.ns.own
+        self.counters = Counters()
+        if self.ns.claimed_dropped:  # our slot's dead owner had left messages unread
+            self.counters.dropped_dead_reader += self.ns.claimed_dropped
+            log.warning(
+                "hybrid_layer: took over slot %d of a dead process (%d unread messages dropped)",
+                self.ns.me,
+                self.ns.claimed_dropped,
+            )
         self.lock = threading.Lock()
         self.read_lock = threading.Lock()
         self.queues: dict[str, deque[Item]] = {}
@@ -111,7 +119,6 @@ class Participant:
         self.groups = GroupTable()
         self.readers: set[str] = set()
         self.parked: dict[str, deque[Item]] = {}
-        self.counters = Counters()
         self._flush_word = self.ns.reg_q  # [HQ_FLUSH_EPOCH]: read on every take/drain
         self.flush_seen = self.ns.flush_epoch()
         self.flush_acked = self.flush_seen

@@ -105,6 +105,10 @@ class Leader(NamedTuple):
     epoch: int
 
 
+# ring records (messages) that their destination's capacity buckets do not count
+_NOT_IN_BUCKETS = frozenset({L.KIND_GROUP, L.KIND_OUT_DIRECT, L.KIND_OUT_GROUP, L.KIND_OUT_NORMAL})
+
+
 class Namespace:
     """One participant's view of the host namespace. Not shared across ``fork()``."""
 
@@ -128,6 +132,7 @@ class Namespace:
         self.reg_all_q: memoryview = memoryview(b"")
         self.me = -1
         self.gen = 0
+        self.claimed_dropped = 0  # unread messages of a dead owner of the slot we took
         self.own: SlotView | None = None
         self.bell: Bell | None = None
         self.rescue: Bell | None = None
@@ -257,8 +262,8 @@ class Namespace:
 
     def _claim(self, i: int) -> None:
         assert self.reg is not None
-        if self._reg_state(i) == L.SLOT_LIVE:
-            self._reclaim_locked(i)  # a dead owner nobody reclaimed yet
+        if self._reg_state(i) == L.SLOT_LIVE:  # a dead owner nobody reclaimed yet
+            self.claimed_dropped += self._reclaim_locked(i)
         sv = self._slot_segment(i, create=True)
         assert sv is not None
         self.bell = Bell(self.bell_path(i), self.cfg.mode)
@@ -443,7 +448,10 @@ class Namespace:
                 lf.release(L.SLOT_LOCK_BASE + i)
 
     def _reclaim_locked(self, i: int) -> int:
-        """Caller holds INIT_LOCK and slot ``i``'s liveness lock."""
+        """Caller holds INIT_LOCK and slot ``i``'s liveness lock. Returns the messages
+        the dead owner had not read: what is left in its ring, and what it had already
+        moved into its own memory (queued, parked) - those still count against their
+        channels' buckets, as do direct and normal-channel records in the ring."""
         assert self.reg is not None
         dropped = 0
         sv = self._slot_segment(i, create=False)
@@ -457,8 +465,9 @@ class Namespace:
                         break
                     if rec is None:
                         break
-                    if rec.kind != L.KIND_CONTROL:
+                    if rec.kind in _NOT_IN_BUCKETS:  # (direct, normal: counted below)
                         dropped += 1
+                dropped += sum(sv.pending(b) for b in range(len(sv.bk) // 2))
                 sv.ring.reset()
                 sv.ci[L.I_STATE] = L.SLOT_FREE
                 sv.ci[L.I_WAITING] = 0

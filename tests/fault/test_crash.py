@@ -109,6 +109,26 @@ def test_dead_participant_memberships_released_and_slot_reused_safely(remotes: A
         c.call("receive", old_ch, 0.3)
 
 
+def test_unread_messages_of_a_killed_reader_are_counted_even_once_drained(
+    remotes: Any,
+) -> None:
+    """A process killed with messages unread: both those still in its ring and those
+    its receive() had already moved into its own memory count as dropped dead_reader."""
+    a, b = remotes(2)
+    assert a.call("internals")["is_leader"]  # attached first: it reclaims b's slot
+    ch, other = b.call("new_channel"), b.call("new_channel")
+    for n in range(30):
+        a.call("send", ch, {"type": "m", "n": n})
+    a.call("send", other, {"type": "m"})
+    assert b.call("receive", other, 5) == {"type": "m"}  # drained: 30 now in b's memory
+    for n in range(5):
+        a.call("send", ch, {"type": "m", "n": n})  # and 5 still in its ring
+    b.kill()
+    assert wait_until(lambda: a.call("stats").dropped["dead_reader"] == 35, 5), a.call(
+        "stats"
+    ).dropped
+
+
 def test_stale_set_left_by_a_crash_is_detected_and_reused(remotes: Any, ns_prefix: str) -> None:
     (a,) = remotes(1)
     ch = a.call("new_channel")

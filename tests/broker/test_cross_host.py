@@ -7,9 +7,11 @@ through shared memory, cross-host traffic through each host's leader and the bro
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -402,20 +404,30 @@ def test_broker_keys_need_host() -> None:
         HybridChannelLayer(groups_exchange="x")
 
 
-async def test_in_process_two_hosts_round_trip(broker_url: str, ns_prefix: str) -> None:
-    """Two layers in one process, two host ids: the simplest end-to-end path."""
+@contextlib.asynccontextmanager
+async def two_hosts_in_process(broker_url: str, ns_prefix: str) -> AsyncIterator[tuple[Any, Any]]:
+    """Two layers in this process with host ids ``ha`` and ``hb``, both links up."""
     from hybrid_layer import HybridChannelLayer
 
     cfg: dict[str, Any] = {"prefix": ns_prefix, "host": broker_url}
     a = HybridChannelLayer(host_id="ha", **cfg)
     b = HybridChannelLayer(host_id="hb", **cfg)
     try:
-        ca = await a.new_channel()
+        await a.new_channel()
         await b.new_channel()
-        for _ in range(200):
-            if a.statistics().broker["link"] == b.statistics().broker["link"] == "up":
-                break
-            await asyncio.sleep(0.025)
+        assert wait_until(
+            lambda: a.statistics().broker["link"] == b.statistics().broker["link"] == "up", 10
+        )
+        yield a, b
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_in_process_two_hosts_round_trip(broker_url: str, ns_prefix: str) -> None:
+    """Two layers in one process, two host ids: the simplest end-to-end path."""
+    async with two_hosts_in_process(broker_url, ns_prefix) as (a, b):
+        ca = await a.new_channel()
         # the installed aiormq has the channel state that publishing without a task per
         # message relies on (else the link falls back to basic_publish, slower)
         assert b._p().link._fast_publish
@@ -429,9 +441,6 @@ async def test_in_process_two_hosts_round_trip(broker_url: str, ns_prefix: str) 
         await b.send(ca, {"type": "hello", "n": 2})
         assert await asyncio.wait_for(a.receive(ca), 10) == {"type": "hello", "n": 2}
         assert wait_until(lambda: b.statistics().broker["confirmed"] == 2, 5)
-    finally:
-        await a.close()
-        await b.close()
 
 
 def test_status_command_shows_the_link(hosts: HostsFactory, ns_prefix: str) -> None:
@@ -485,17 +494,8 @@ async def test_a_failing_delivery_does_not_stop_the_host_queue(
 ) -> None:
     """Deliveries run inline in aiormq's channel reader (no task per message): an
     exception there is logged, and the messages after it still arrive."""
-    from hybrid_layer import HybridChannelLayer
-
-    cfg: dict[str, Any] = {"prefix": ns_prefix, "host": broker_url}
-    a = HybridChannelLayer(host_id="ha", **cfg)
-    b = HybridChannelLayer(host_id="hb", **cfg)
-    try:
+    async with two_hosts_in_process(broker_url, ns_prefix) as (a, b):
         ca = await a.new_channel()
-        await b.new_channel()
-        assert wait_until(
-            lambda: a.statistics().broker["link"] == b.statistics().broker["link"] == "up", 10
-        )
         pa = a._p()
         real = pa.deliver_direct
         calls = []
@@ -515,6 +515,3 @@ async def test_a_failing_delivery_does_not_stop_the_host_queue(
             assert await asyncio.wait_for(a.receive(ca), 10) == {"type": "hello", "n": n}
         assert "cannot handle a delivery" in caplog.text
         assert a.statistics().broker["link"] == "up"
-    finally:
-        await a.close()
-        await b.close()

@@ -182,7 +182,7 @@ class HybridChannelLayer(BaseChannelLayer):  # type: ignore[misc]
                     except BaseException:  # cancelled: maybe woken first, so pass it on
                         p.remove_waiter(channel, loop, fut, True)
                         raise
-                    p.remove_waiter(channel, loop, fut)
+                    p.remove_waiter(channel, loop, fut, False)
                     item = p.take(channel)
             try:
                 return decode_message(memoryview(item.body)[item.name_len :])

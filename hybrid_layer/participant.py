@@ -175,21 +175,27 @@ class Participant:
                 return NO_CHANNEL
             if addr is None or addr.bucket >= self.K:
                 return NO_CHANNEL
-            cache = self._local_dest
-            if len(cache) >= LOCAL_DEST_MAX:
-                cache.clear()
-            hit = cache[channel] = (
-                addr.slot,
-                addr.gen,
-                channel.encode(),
-                addr.bucket,
-                self.capacity_for(channel),
-            )
+            hit = self._remember_local(channel, addr)
         slot, gen, name_b, bucket, cap = hit
         sv = self.ns.slot(slot)
         if sv is None:
             return NO_CHANNEL
         return self.ns.write(sv, gen, L.KIND_DIRECT, name_b, expires_at, msg, bucket, cap)
+
+    def _remember_local(self, channel: str, addr: Any) -> tuple[int, int, bytes, int, int]:
+        """Cache the route to ``channel``, a process channel on this host (``addr`` its
+        parsed name, bucket < K): (slot, gen, name bytes, bucket, capacity)."""
+        cache = self._local_dest
+        if len(cache) >= LOCAL_DEST_MAX:
+            cache.clear()
+        hit = cache[channel] = (
+            addr.slot,
+            addr.gen,
+            channel.encode(),
+            addr.bucket,
+            self.capacity_for(channel),
+        )
+        return hit
 
     def normal_bucket(self, channel: str) -> int:
         return self.K + name_hash("n", channel) % self.K
@@ -641,7 +647,7 @@ class Participant:
         channel: str,
         loop: asyncio.AbstractEventLoop,
         fut: asyncio.Future[None],
-        cancelled: bool = False,
+        cancelled: bool,
     ) -> None:
         """After a receiver's wait ends; ``cancelled``: its task was cancelled (maybe
         after ``fut`` got its result, i.e. after it was woken for a message)."""
@@ -661,11 +667,7 @@ class Participant:
                 self._armed = False
                 self.ns.set_waiting(False)
             # a cancelled receiver that had been woken passes the wake-up on
-            if (
-                (cancelled or fut.cancelled())
-                and self.queues.get(channel)
-                and channel in self.waiters
-            ):
+            if cancelled and self.queues.get(channel) and channel in self.waiters:
                 self._wake_one(channel, loop)
 
     def _on_bell(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -861,19 +863,10 @@ class Participant:
                     if dest.route is not Route.OWN or dest.address is None:
                         others.append(channel)
                         continue
-                    bucket = dest.address.bucket
-                    if bucket >= self.K:
+                    if dest.address.bucket >= self.K:
                         c.dropped_no_channel += 1
                         continue
-                    if len(local) >= LOCAL_DEST_MAX:
-                        local.clear()
-                    hit = local[channel] = (
-                        me,
-                        gen,
-                        channel.encode(),
-                        bucket,
-                        self.capacity_for(channel),
-                    )
+                    hit = self._remember_local(channel, dest.address)
                 elif hit[0] != me or hit[1] != gen:  # another process's channel
                     others.append(channel)
                     continue

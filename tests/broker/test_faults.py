@@ -141,14 +141,21 @@ class Pair:
         return time.monotonic() - t0
 
 
-# ---------------------------------------------------------------------- tests
-def test_stalled_link_is_detected_local_traffic_flows_and_it_recovers_on_resume(
-    proxy: Proxy, hosts: HostsFactory
-) -> None:
+def faulted_pair(proxy: Proxy, hosts: HostsFactory) -> tuple[list[Remote], Remote, Pair]:
+    """Host "ha" (2 processes, its broker link through ``proxy``) and host "hb" (1,
+    direct), with traffic both ways checked before any fault."""
     a = hosts({"ha": 2}, host=proxy.url, **FAULTED)["ha"]
     (b,) = hosts({"hb": 1})["hb"]
     env = Pair(a, b)
     env.assert_cross_host("before")
+    return a, b, env
+
+
+# ---------------------------------------------------------------------- tests
+def test_stalled_link_is_detected_local_traffic_flows_and_it_recovers_on_resume(
+    proxy: Proxy, hosts: HostsFactory
+) -> None:
+    a, b, env = faulted_pair(proxy, hosts)
     ld = leader(a)
     assert link(ld)["bindings"] == 1 and link(ld)["reconnects"] == 0
 
@@ -187,10 +194,7 @@ def test_stalled_link_is_detected_local_traffic_flows_and_it_recovers_on_resume(
 def test_cut_link_drops_are_counted_and_it_reconnects_when_the_broker_accepts(
     proxy: Proxy, hosts: HostsFactory
 ) -> None:
-    a = hosts({"ha": 2}, host=proxy.url, **FAULTED)["ha"]
-    (b,) = hosts({"hb": 1})["hb"]
-    env = Pair(a, b)
-    env.assert_cross_host("before")
+    a, b, env = faulted_pair(proxy, hosts)
     ld = leader(a)
 
     proxy.refuse()  # keep it down after the cut, long enough to send into the gap
@@ -214,10 +218,7 @@ def test_cut_link_drops_are_counted_and_it_reconnects_when_the_broker_accepts(
 def test_link_cut_in_the_middle_of_a_frame_recovers_without_hanging_anyone(
     proxy: Proxy, hosts: HostsFactory
 ) -> None:
-    a = hosts({"ha": 2}, host=proxy.url, **FAULTED)["ha"]
-    (b,) = hosts({"hb": 1})["hb"]
-    env = Pair(a, b)
-    env.assert_cross_host("before")
+    a, b, env = faulted_pair(proxy, hosts)
     ld, a0, ca0 = leader(a), a[0], env.ca[0]
     a0.call("collect", ca0, 1_000_000)
     blob = "x" * 1000

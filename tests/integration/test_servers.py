@@ -41,7 +41,8 @@ WS_PATH = "/ws/chat/"
 
 WORKERS = 3
 MIN_PIDS = 2  # clients must land on at least this many distinct workers
-MAX_CLIENTS = 60  # give up (and fail) after this many connections
+MAX_CLIENTS = 60  # connections kept open at most
+SPREAD_TIMEOUT = 15.0  # give up (and fail) if they all land on one worker this long
 MIN_CLIENTS = 6
 STARTUP_TIMEOUT = 30.0
 SCENARIO_TIMEOUT = 45.0
@@ -291,13 +292,18 @@ def by_pid(clients: list[Client]) -> dict[int, list[Client]]:
 
 async def connect_across_workers(url: str) -> list[Client]:
     clients: list[Client] = []
-    while len(clients) < MAX_CLIENTS:
+    deadline = time.monotonic() + SPREAD_TIMEOUT
+    while time.monotonic() < deadline:
+        if len(clients) >= MAX_CLIENTS:  # one worker takes them all: the others may
+            await clients.pop(0).close()  # still be booting; keep the count bounded
         clients.append(await open_client(url))
         n_pids = len(by_pid(clients))
         enough = n_pids >= MIN_PIDS and len(clients) >= MIN_CLIENTS
         # once there are enough, a few more if the next worker is slow to get its share
         if enough and (n_pids >= WORKERS or len(clients) >= 2 * MIN_CLIENTS):
             break
+        if n_pids < MIN_PIDS and len(clients) >= MIN_CLIENTS:
+            await asyncio.sleep(0.05)  # give the other workers time to come up
     if len(by_pid(clients)) < MIN_PIDS:
         pids = sorted(by_pid(clients))
         for c in clients:

@@ -8,6 +8,15 @@
 * ``spin``: the same over shared memory with both sides polling (no kernel at all).
 * ``task_resume``: one loop, 50 tasks waiting on futures, all set at once: time until
   the 25th resumes (what a fan-out to 50 channels in one process pays at its median).
+* ``aiormq_loop``: two processes ping-pong 100 bytes through RabbitMQ with bare aiormq
+  (a connection in each process's own loop, an exclusive queue each, the default
+  exchange, publisher confirms as aiormq defaults to, no_ack): the cross-host round
+  trip before any layer code, with aiormq, the AMQP client the design prescribes.
+* ``aiormq_thread``: the same with each connection on a second thread's loop and every
+  message handed between the two loops with ``call_soon_threadsafe`` both ways: the
+  floor of a link that lives on a leader's own thread, as hybrid_layer's does.
+  Both need RabbitMQ (``HYBRID_BENCH_AMQP``, default amqp://guest:guest@127.0.0.1:5672/)
+  and are left out, with a line saying so, when it cannot be reached.
 """
 
 from __future__ import annotations
@@ -17,7 +26,10 @@ import asyncio
 import json
 import mmap
 import os
+import socket
+import threading
 import time
+import urllib.parse
 
 N = 5000
 
@@ -128,12 +140,147 @@ def task_resume() -> dict[str, float]:
     return {"p50_us": lat[len(lat) // 2] * 1e6}
 
 
+AMQP_URL = os.environ.get("HYBRID_BENCH_AMQP", "amqp://guest:guest@127.0.0.1:5672/")
+AMQP_N = 3000
+AMQP_WARMUP = 200
+
+
+async def _amqp_side(me: str, peer: str, initiator: bool, threaded: bool) -> list[float]:
+    """One side of ``aiormq_loop`` / ``aiormq_thread``: consume queue ``me``, publish
+    to ``peer``; ``threaded``: the connection lives on a second thread's loop."""
+    import aiormq
+
+    main = asyncio.get_running_loop()
+    got: asyncio.Queue[bytes] = asyncio.Queue()
+    ready = threading.Event()
+    box: dict[str, object] = {}
+
+    async def open_link() -> object:
+        conn = await aiormq.connect(AMQP_URL)
+        ch = await conn.channel()
+        await ch.queue_declare(me, exclusive=True, auto_delete=True)
+
+        async def on(msg: object) -> None:
+            if threaded:
+                main.call_soon_threadsafe(got.put_nowait, msg.body)  # type: ignore[attr-defined]
+            else:
+                got.put_nowait(msg.body)  # type: ignore[attr-defined]
+
+        await ch.basic_consume(me, on, no_ack=True)
+        box.update(ch=ch, loop=asyncio.get_running_loop())
+        ready.set()
+        return conn
+
+    stop = threading.Event()
+    if threaded:
+
+        def thread_main() -> None:
+            async def run() -> None:
+                conn = await open_link()
+                while not stop.is_set():
+                    await asyncio.sleep(0.05)
+                await conn.close()  # type: ignore[attr-defined]
+
+            asyncio.run(run())
+
+        th = threading.Thread(target=thread_main, daemon=True)
+        th.start()
+        await main.run_in_executor(None, ready.wait)
+        link_loop = box["loop"]
+
+        def publish(body: bytes) -> None:
+            link_loop.call_soon_threadsafe(  # type: ignore[attr-defined]
+                lambda: link_loop.create_task(  # type: ignore[attr-defined]
+                    box["ch"].basic_publish(body, routing_key=peer)  # type: ignore[attr-defined]
+                )
+            )
+    else:
+        conn = await open_link()
+
+        pending: set[asyncio.Task[object]] = set()
+
+        def publish(body: bytes) -> None:
+            t = main.create_task(box["ch"].basic_publish(body, routing_key=peer))  # type: ignore[attr-defined]
+            pending.add(t)
+            t.add_done_callback(pending.discard)
+
+    await asyncio.sleep(0.5)  # the peer's queue
+    lat = []
+    body = b"x" * 100
+    for i in range(AMQP_N + AMQP_WARMUP):
+        if initiator:
+            t = time.perf_counter()
+            publish(body)
+            await asyncio.wait_for(got.get(), 10)  # a dead peer: fail, not hang
+            if i >= AMQP_WARMUP:
+                lat.append(time.perf_counter() - t)
+        else:
+            await asyncio.wait_for(got.get(), 10)
+            publish(body)
+    await asyncio.sleep(0.1)
+    if threaded:
+        stop.set()
+        th.join(5)
+    else:
+        await conn.close()  # type: ignore[attr-defined]
+    return lat
+
+
+def _amqp(threaded: bool) -> dict[str, float]:
+    tag = f"hybrid-floor.{os.getpid()}.{int(threaded)}"
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            asyncio.run(_amqp_side(tag + ".b", tag + ".a", False, threaded))
+        except BaseException:
+            code = 1
+        os._exit(code)
+    try:
+        lat = asyncio.run(_amqp_side(tag + ".a", tag + ".b", True, threaded))
+    finally:
+        os.waitpid(pid, 0)
+    return _q(lat)
+
+
+def aiormq_loop() -> dict[str, float]:
+    return _amqp(False)
+
+
+def aiormq_thread() -> dict[str, float]:
+    return _amqp(True)
+
+
+def _broker_reachable() -> bool:
+    u = urllib.parse.urlsplit(AMQP_URL)
+    try:
+        with socket.create_connection((u.hostname or "127.0.0.1", u.port or 5672), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="one JSON object per floor")
+    ap.add_argument("--only", default="", help="comma-separated floors to run (default all)")
     args = ap.parse_args()
-    for name, fn in (("pipe_blocking", pipe_blocking), ("pipe_asyncio", pipe_asyncio),
-                     ("spin", spin), ("task_resume", task_resume)):
+    floors = [
+        ("pipe_blocking", pipe_blocking),
+        ("pipe_asyncio", pipe_asyncio),
+        ("spin", spin),
+        ("task_resume", task_resume),
+        ("aiormq_loop", aiormq_loop),
+        ("aiormq_thread", aiormq_thread),
+    ]
+    only = {x for x in args.only.split(",") if x}
+    broker = _broker_reachable()
+    for name, fn in floors:
+        if only and name not in only:
+            continue
+        if name.startswith("aiormq") and not broker:
+            print(f"{name}: left out, no RabbitMQ at {AMQP_URL.rsplit('@', 1)[-1]}")
+            continue
         r = fn()
         if args.json:
             print(json.dumps({"floor": name, **r}))

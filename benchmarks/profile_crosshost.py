@@ -85,6 +85,10 @@ def instrument(stamps: dict[str, list[int]]) -> None:
     from hybrid_layer.participant import Participant
 
     wrap_sync(Participant, "deliver_direct", "deliver_direct")
+    wrap_sync(Participant, "_on_bell", "on_bell")  # the woken loop's doorbell callback
+    from hybrid_layer.shm.doorbell import BellPush
+
+    wrap_sync(BellPush, "ring", "bell_rung")
     wrap_async(AC.Channel, "_on_deliver_frame", "on_deliver_frame")
     orig_w = asyncio.StreamWriter.write
 
@@ -242,7 +246,9 @@ def latency(seconds: float) -> None:
         "B _on_deliver_frame -> _on_host_message (inline)":
             (sb, "on_deliver_frame", sb, "on_host_msg"),
         "B _on_host_message -> deliver_direct": (sb, "on_host_msg", sb, "deliver_direct"),
-        "B deliver_direct -> echo receive returns": (sb, "deliver_direct", sb, "echo_recv"),
+        "B deliver_direct -> doorbell rung": (sb, "deliver_direct", sb, "bell_rung"),
+        "B doorbell rung -> _on_bell (wake-up)": (sb, "bell_rung", sb, "on_bell"),
+        "B _on_bell -> echo receive returns": (sb, "on_bell", sb, "echo_recv"),
         "B echo send -> B Link.submit": (sb, "echo_send", sb, "submit"),
         "B submit -> B host-thread _publish": (sb, "submit", sb, "publish"),
         "B _publish -> frame queued": (sb, "publish", sb, "frame_queued"),
@@ -251,7 +257,9 @@ def latency(seconds: float) -> None:
         "A data_received -> _on_deliver_frame": (sa, "rx_data", sa, "on_deliver_frame"),
         "A _on_deliver_frame -> _on_host_message": (sa, "on_deliver_frame", sa, "on_host_msg"),
         "A _on_host_message -> deliver_direct": (sa, "on_host_msg", sa, "deliver_direct"),
-        "A deliver_direct -> ping receive returns": (sa, "deliver_direct", sa, "ping_recv"),
+        "A deliver_direct -> doorbell rung": (sa, "deliver_direct", sa, "bell_rung"),
+        "A doorbell rung -> _on_bell (wake-up)": (sa, "bell_rung", sa, "on_bell"),
+        "A _on_bell -> ping receive returns": (sa, "on_bell", sa, "ping_recv"),
     }
     for k, v in {**sa, **{f"B:{k}": v for k, v in sb.items()}}.items():
         print(f"  stamps {k}: {len(v)}")

@@ -482,12 +482,27 @@ class Participant:
 
     async def wait_bound(self) -> None:
         """Broker mode, after joining a group: return once the leader has bound it on the
-        broker (a binding sync that started after our change completed), or the link is
-        not up (bindings are restored when it is)."""
+        broker (a binding sync that started after our change completed), or at once
+        while the link is down (bindings are restored when it is up again). A link that
+        is still coming up (a new leader, or none elected yet) is waited for: its first
+        sync binds what we joined. ``BIND_WAIT`` caps it all."""
         deadline = _monotonic() + BIND_WAIT
+        while True:
+            state = self.ns.link_state()[0]
+            if state == L.LINK_UP:
+                break
+            if state == L.LINK_DOWN:
+                return
+            if _monotonic() >= deadline:
+                limited.warning(
+                    "bind-slow",
+                    "hybrid_layer: group binding not confirmed within %.1fs: the broker "
+                    "link is not up yet",
+                    BIND_WAIT,
+                )
+                return
+            await asyncio.sleep(0.002)
         epoch = self.ns.leader().epoch
-        if self.ns.link_state()[0] != L.LINK_UP:
-            return
         target = self.ns.link_get(L.LQ_SYNCS_STARTED, self.ns.leader().slot) + 1
         self.request_sync()
         while _monotonic() < deadline:

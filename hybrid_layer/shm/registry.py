@@ -220,7 +220,8 @@ class Namespace:
                     f"{self.ns} is in use by live processes with another layout "
                     f"{current[2:]}, this process wants {self._header_values()[2:]} "
                     "(ring_bytes, max_participants, channel_buckets, group slots); every "
-                    "process of a host must use the same sizing keys"
+                    "process of a host must use the same sizing keys (ring_bytes defaults "
+                    "from max_message_bytes: set that the same everywhere too)"
                 )
         else:
             # first one in, or a stale set left by a crash: (re)initialise everything

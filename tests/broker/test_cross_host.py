@@ -145,6 +145,24 @@ class TestGroups:
             hs["hb"][0].call("group_send", f"fresh{i}", {"type": "hi", "i": i})
             assert follower.call("receive", ch, 10.0) == {"type": "hi", "i": i}
 
+    def test_group_add_while_the_hosts_link_is_still_coming_up(
+        self, hosts: HostsFactory, broker_config: dict[str, Any]
+    ) -> None:
+        """A new host's first process joins a group while its link is still connecting:
+        ``group_add`` waits for the link and its first binding sync, so a ``group_send``
+        from another host right after it reaches the member (it used to return at once,
+        and that message was lost)."""
+        hb = hosts({"hb": 1})["hb"][0]
+        for i in range(3):
+            a = Remote({**broker_config, "host_id": f"hn{i}"})
+            try:
+                ch = a.call("new_channel", "m.")  # attaches: leads, starts connecting
+                a.call("group_add", f"early{i}", ch)
+                hb.call("group_send", f"early{i}", {"type": "hi", "i": i})
+                assert a.call("receive", ch, 10.0) == {"type": "hi", "i": i}
+            finally:
+                a.close()
+
 
 class TestNormalChannels:
     def test_each_message_once_across_hosts(

@@ -325,9 +325,14 @@ class Participant:
 
         Returns OK, FULL_CHANNEL or FULL_RING (the caller holds the message and tries
         again); a message for no channel of this host is dropped and counted here."""
-        dest = route(channel, self.cfg.host_id, self.slot, self.gen)
         r = NO_CHANNEL
-        if dest.route in (Route.OWN, Route.SLOT):
+        # a route-cache hit is a process channel of this host; anything else is parsed
+        # here first, as send() would hand another host's channel back to the broker
+        here = channel in self._local_dest
+        if not here:
+            dest = route(channel, self.cfg.host_id, self.slot, self.gen)
+            here = dest.route in (Route.OWN, Route.SLOT)
+        if here:
             r = self.send(channel, msg, expires_at)
         if r == NO_CHANNEL:
             self._count_forward_failure(r, channel)
@@ -487,36 +492,31 @@ class Participant:
         is still coming up (a new leader, or none elected yet) is waited for: its first
         sync binds what we joined. ``BIND_WAIT`` caps it all."""
         deadline = _monotonic() + BIND_WAIT
+        target = 0  # the leader's binding syncs that cover our change; 0: not up yet
+        epoch = 0
         while True:
-            state = self.ns.link_state()[0]
+            state, syncs, _ = self.ns.link_state()
             if state == L.LINK_UP:
-                break
-            if state == L.LINK_DOWN:
+                leader = self.ns.leader()
+                if not target:  # up: the next sync to start includes our change
+                    epoch = leader.epoch
+                    target = self.ns.link_get(L.LQ_SYNCS_STARTED, leader.slot) + 1
+                    self.request_sync()
+                elif leader.epoch != epoch:  # a new leader binds everything at once
+                    epoch, target = leader.epoch, 1
+                elif syncs >= target:
+                    return
+            elif state == L.LINK_DOWN or target:  # down, or went down after up
                 return
             if _monotonic() >= deadline:
                 limited.warning(
                     "bind-slow",
-                    "hybrid_layer: group binding not confirmed within %.1fs: the broker "
-                    "link is not up yet",
+                    "hybrid_layer: group binding not confirmed within %.1fs%s",
                     BIND_WAIT,
+                    "" if target else ": the broker link is not up yet",
                 )
                 return
-            await asyncio.sleep(0.002)
-        epoch = self.ns.leader().epoch
-        target = self.ns.link_get(L.LQ_SYNCS_STARTED, self.ns.leader().slot) + 1
-        self.request_sync()
-        while _monotonic() < deadline:
-            await asyncio.sleep(0.0005)
-            state, syncs, _ = self.ns.link_state()
-            if state != L.LINK_UP:
-                return
-            if self.ns.leader().epoch != epoch:  # a new leader binds everything at once
-                epoch, target = self.ns.leader().epoch, 1
-            if syncs >= target:
-                return
-        limited.warning(
-            "bind-slow", "hybrid_layer: group binding not confirmed within %.1fs", BIND_WAIT
-        )
+            await asyncio.sleep(0.0005 if target else 0.002)
 
     def request_sync(self) -> None:
         if self.ns.is_leader:
@@ -855,14 +855,6 @@ class Participant:
     def _fan_out(self, rec: Any, pos: int, loop: asyncio.AbstractEventLoop | None) -> None:
         group = rec.name
         c = self.counters
-        with self.lock:
-            members, _expired, action = self.groups.members(
-                group, time.time(), self.cfg.group_expiry
-            )
-            if action is Action.LEAVE:
-                self.own.groups.discard(name_hash("g", group))
-        if not members:
-            return
         body = rec.body
         name_len = rec.name_len
         expires_at = rec.expires_at
@@ -870,7 +862,12 @@ class Participant:
         own_pending = self.own.pending
         local = self._local_dest
         me, gen = self.slot, self.gen
-        with self.lock:
+        with self.lock:  # one round: the members, then a copy for each
+            members, _expired, action = self.groups.members(
+                group, time.time(), self.cfg.group_expiry
+            )
+            if action is Action.LEAVE:
+                self.own.groups.discard(name_hash("g", group))
             for channel in members:
                 hit = local.get(channel)
                 if hit is None:

@@ -32,8 +32,13 @@ BROKER_KEYS = frozenset(
         "connect_timeout",
         "on_disconnect",
         "on_reconnect",
+        "host_queue_expires",
+        "queue_type",
+        "outbound_limit",
+        "outbound_limit_bytes",
     }
 )
+QUEUE_TYPES = ("classic", "quorum")
 
 
 def default_host_id() -> str:
@@ -80,6 +85,13 @@ class LayerConfig:
     connect_timeout: float = 5.0
     on_disconnect: str | None = None
     on_reconnect: str | None = None
+    #: seconds the broker keeps a host's queue (and its bindings) with no consumer
+    host_queue_expires: float = 1800.0
+    queue_type: str = "classic"  # of the host's queue: "classic" or "quorum" (README)
+    #: messages (and bytes) the leader keeps for the broker while its link is not up or
+    #: slow; past them send() backs off and raises ChannelFull, group_send drops
+    outbound_limit: int = 20_000
+    outbound_limit_bytes: int = 64 * MIB
 
     @property
     def broker(self) -> bool:
@@ -317,6 +329,23 @@ def _broker(values: Mapping[str, Any]) -> dict[str, Any]:
     if "connect_timeout" in values:
         out["connect_timeout"] = float(
             _number("connect_timeout", values["connect_timeout"], minimum=0.1)
+        )
+    if "host_queue_expires" in values:
+        out["host_queue_expires"] = float(
+            _number("host_queue_expires", values["host_queue_expires"], minimum=1.0)
+        )
+    if "queue_type" in values:
+        qt = values["queue_type"]
+        if qt not in QUEUE_TYPES:
+            raise ValueError(f"CONFIG['queue_type'] must be one of {list(QUEUE_TYPES)}, got {qt!r}")
+        out["queue_type"] = qt
+    if "outbound_limit" in values:
+        out["outbound_limit"] = _number(
+            "outbound_limit", values["outbound_limit"], minimum=100, integer=True
+        )
+    if "outbound_limit_bytes" in values:
+        out["outbound_limit_bytes"] = _number(
+            "outbound_limit_bytes", values["outbound_limit_bytes"], minimum=MIB, integer=True
         )
     for key in ("on_disconnect", "on_reconnect"):
         v = values.get(key)

@@ -329,6 +329,11 @@ class HybridChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             "link": LINK_NAMES.get(state, "none"),
             "link_changes": changes,
             "binding_syncs": syncs,
+            # why it is not up ("" while up); the leader's own entry says more
+            "reason": L.REASONS.get(p.ns.link_get(L.LQ_REASON, p.ns.leader().slot), "")
+            if state != L.LINK_UP
+            else "",
+            "last_sync": p.ns.link_get(L.LQ_SYNC_AT, p.ns.leader().slot) / 1000.0,
             **broker_counts(counts),
         }
         link = p.link

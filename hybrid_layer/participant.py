@@ -66,8 +66,6 @@ _monotonic = time.monotonic
 BIND_WAIT = 2.0
 #: how long close() waits for the link to publish what is queued and close
 LINK_CLOSE_WAIT = 6.0
-#: hand-offs kept while a process that just became leader starts its link
-EARLY_OUT_MAX = 20_000
 LOCAL_DEST_MAX = 65_536
 
 
@@ -212,20 +210,21 @@ class Participant:
 
         ``key`` names the destination for capacity (a host id, a normal channel): while
         the broker rejects messages for it, this returns FULL_CHANNEL without a round
-        trip. With the link down the message is dropped and counted (LINK_DOWN).
+        trip. Whatever the leader's link is doing (not started, connecting, down, up),
+        the message is kept in order and published once it is up; past the leader's
+        bound (CONFIG ``outbound_limit``) this returns FULL_RING (send() backs off,
+        then raises ChannelFull).
         """
         for _ in range(2):
             ld = self.ns.leader()
             if ld.slot == self.slot and self.ns.is_leader:
                 link = self.link
                 if link is None:  # we just became leader; the host thread starts it
-                    with self.lock:
-                        if self.link is None:
-                            if len(self.early_out) >= EARLY_OUT_MAX:
-                                return LINK_DOWN
-                            self.early_out.append((kind, name, bytes(msg), expires_at, key))
-                            return OK
+                    if self._keep_early(kind, name, msg, expires_at, key):
+                        return OK
                     link = self.link
+                    if link is None:
+                        return FULL_RING
                 if key is not None and key in link.full:
                     return FULL_CHANNEL
                 if link.busy:
@@ -233,8 +232,6 @@ class Participant:
                 return link.submit(kind, name, bytes(msg), expires_at, key)
             sv = self.ns.slot(ld.slot) if ld.slot >= 0 else None
             if sv is not None:
-                if self.ns.link_get(L.LQ_STATE, ld.slot) not in (L.LINK_UP, L.LINK_CONNECTING):
-                    return LINK_DOWN
                 if key is not None and sv.groups.maybe_contains(name_hash("f", key)):
                     return FULL_CHANNEL
                 if self.ns.link_get(L.LQ_BUSY, ld.slot):
@@ -246,6 +243,20 @@ class Participant:
             if self.ns.try_lead():
                 self.host.on_leadership()
         return LINK_DOWN
+
+    def _keep_early(
+        self, kind: int, name: str, msg: bytes | memoryview, expires_at: float, key: str | None
+    ) -> bool:
+        """Leader with no link object yet: keep a hand-off for it (in order: the link
+        takes them all under this lock). False if the link exists now or the bound is
+        reached (``early_out`` is bounded like the link's queue)."""
+        with self.lock:
+            if self.link is not None:
+                return False
+            if len(self.early_out) >= self.cfg.outbound_limit:
+                return False
+            self.early_out.append((kind, name, bytes(msg), expires_at, key))
+            return True
 
     def count_link_drop(self, name: str) -> None:
         self.counters.dropped_link_down += 1
@@ -421,7 +432,9 @@ class Participant:
                 self.normal_names[name_hash("n", name)] = name
             # what was handed over before the link existed goes first, in order: no
             # hand-off can slip in between, they all take this lock while link is None
-            link.out.extend(self.early_out)
+            for item in self.early_out:
+                link.out.append(item)
+                link.out_bytes += len(item[2])
             self.early_out.clear()
             self.link = link
         link.kick()
@@ -815,6 +828,10 @@ class Participant:
         elif rec.kind == L.KIND_OUT_NORMAL:
             key = f"n:{name}"
         link = self.link
+        if link is None and self.ns.is_leader and self.cfg.broker:
+            if self._keep_early(rec.kind, name, rec.message, rec.expires_at, key):
+                return
+            link = self.link
         if link is not None and self.ns.is_leader:
             got = link.submit(rec.kind, name, bytes(rec.message), rec.expires_at, key)
             if got == LINK_DOWN:

@@ -203,6 +203,19 @@ class Remote:
             raise RemoteError(value)
         return value
 
+    def start_call(self, *cmd: Any) -> None:
+        """Send a command without waiting: ``result()`` collects its answer (so that
+        several processes can be made to act at the same moment)."""
+        self.conn.send(cmd)
+
+    def result(self, timeout: float = 30) -> Any:
+        if not self.conn.poll(timeout):
+            raise TimeoutError(f"remote {self.proc.pid} did not answer in {timeout}s")
+        status, value = self.conn.recv()
+        if status == "err":
+            raise RemoteError(value)
+        return value
+
     def kill(self) -> None:
         if self.proc.is_alive():
             os.kill(self.proc.pid, signal.SIGKILL)

@@ -40,6 +40,7 @@ from ..shm import layout as L
 from ..shm.groupset import name_hash
 from ..shm.registry import FULL_CHANNEL, FULL_RING, LINK_DOWN, NO_CHANNEL, OK
 from . import wire
+from .dedup import DedupTable, mark, message_id, parse_message_id
 
 if TYPE_CHECKING:
     from ..participant import Participant
@@ -47,9 +48,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("hybrid_layer")
 
 MAX_IN_FLIGHT = 4096  # publishes awaiting a confirm
-MAX_OUTBOUND = 20_000  # handed over, not yet published: beyond it, dropped and counted
-HIGH_WATER = 2_000  # over it, senders are told to wait (LQ_BUSY): send() backs off,
-LOW_WATER = 500  # then raises ChannelFull after 0.5 s; under it, they go on
+# handed over, not yet published: over CONFIG outbound_limit(_bytes) senders are told to
+# wait (LQ_BUSY: send() backs off, then raises ChannelFull after 0.5 s; group_send drops
+# and counts); under a quarter of it they go on; over twice it (records already in the
+# leader's ring when the flag went up) a hand-off is dropped and counted
+RETRY_MIN = 0.05  # a message returned for want of a queue: first retry after this
+RETRY_MAX = 1.0  # ... doubling up to this, until the message expires
+SEEN_MAX = 65_536  # normal-channel message ids remembered against redeliveries
 FULL_HOLD = 0.2  # seconds a destination stays "full" after a nack
 BACKOFF_MIN = 0.1
 BACKOFF_MAX = 10.0
@@ -59,6 +64,7 @@ HOST_PREFETCH = 64  # ... from the host queue (AMQP messages, each a batch of up
 DECLARE_AGAIN = 60.0  # re-declare a normal queue we publish to (keeps x-expires away)
 MAX_BATCH_BYTES = 256 * 1024  # a batch (CONFIG publish_batch) stops at about this size
 HOLD_MAX = 10_000  # direct messages held for busy readers before acks are held back
+HOLD_BYTES = 32 * 1024 * 1024  # ... or bytes held (a hard cap at twice it: dropped)
 HOLD_LOW = 5_000  # ... and acknowledged again under this
 HOLD_RETRY = 0.002  # seconds between attempts to place held messages
 ACK_DELAY = 0.001  # deliveries are acknowledged (multiple) this long after the first
@@ -73,6 +79,49 @@ KIND_TO_WIRE = {
 
 def host_queue(prefix: str, host_id: str) -> str:
     return f"{prefix}.{host_id}"
+
+
+def claim_queue(prefix: str, host_id: str) -> str:
+    """An exclusive queue whose holder is the one connection serving ``host_id``."""
+    return f"{prefix}.{host_id}.claim"
+
+
+def host_queue_args(cfg: Any) -> tuple[bool, dict[str, Any]]:
+    """(durable, arguments) of a host's queue: it outlives its connection and leader
+    (not exclusive) until unused for ``host_queue_expires``; one consumer at a time."""
+    args: dict[str, Any] = {
+        "x-max-length": cfg.remote_capacity,
+        "x-overflow": "reject-publish",
+        "x-message-ttl": int(cfg.expiry * 1000),
+        "x-expires": int(cfg.host_queue_expires * 1000),
+        "x-single-active-consumer": True,
+    }
+    if cfg.queue_type == "quorum":
+        args["x-queue-type"] = "quorum"
+        return True, args
+    return False, args
+
+
+class Pub:
+    """One AMQP message published (or about to be): kept until the broker confirms it,
+    so that it can be published again after a lost connection or a return."""
+
+    __slots__ = ("body", "dest", "gen", "key", "kind", "n", "name", "seq", "until")
+
+    def __init__(
+        self,
+        kind: int,
+        name: str,
+        key: str | None,
+        dest: tuple[str, str, bool],
+        body: bytes,
+        n: int,
+        until: float,
+    ) -> None:
+        self.kind, self.name, self.key, self.dest = kind, name, key, dest
+        self.body, self.n, self.until = body, n, until  # until: the latest frame's expiry
+        self.seq = 0
+        self.gen = 0  # the connection it was published on
 
 
 def group_key(prefix: str, group_hash: int) -> str:
@@ -99,6 +148,23 @@ class Link:
         self.crypter = wire.Crypter(cfg.encryption_keys) if cfg.encryption_keys else None
         self.queue = host_queue(cfg.prefix, cfg.host_id)
         self.out: deque[tuple[int, str, bytes, float, str | None]] = deque()
+        self.out_bytes = 0
+        self.limit, self.limit_bytes = cfg.outbound_limit, cfg.outbound_limit_bytes
+        # publishes awaiting a confirm, in publish order (seq); those of a lost
+        # connection are published again on the next one (same ids: deduplicated)
+        self.unconfirmed: dict[int, Pub] = {}
+        self.nonce = random.getrandbits(63) | 1
+        self.seq = 0
+        self.conn_gen = 0
+        # routing key -> messages returned for want of a queue (a host not up yet)
+        self.retry: dict[str, deque[Pub]] = {}
+        self.retry_delay: dict[str, float] = {}
+        self.retry_count = 0
+        self.dedup = DedupTable(p.ns.reg_q, L.DQ_BASE, L.DEDUP_ENTRIES)
+        self.seen: set[str] = set()  # normal-channel message ids delivered here
+        self.seen_order: deque[str] = deque()
+        self.reason = ""  # why the link is not up, for logs and statistics
+        self.last_sync_wall = 0.0
         self._kicked = False
         self._publishing = False  # the publisher task is at work (not waiting for _wake)
         self._wake = asyncio.Event()
@@ -106,7 +172,6 @@ class Link:
         self._room.set()
         self._sync_wanted = asyncio.Event()
         self._flush_wanted = False
-        self.in_flight = 0
         self.state = L.LINK_NONE
         self.ever_up = False
         self.url_index = 0
@@ -129,6 +194,8 @@ class Link:
         # direct messages from other hosts waiting for room in a busy reader's inbox
         self.held: dict[str, deque[tuple[bytes, float]]] = {}
         self.held_total = 0
+        self.held_bytes = 0
+        self.max_frame = cfg.max_message_bytes + 4096  # frames over it dropped on arrival
         self._held_epoch = 0  # the host's flush epoch when the oldest held message came
         self._retry_handle: asyncio.TimerHandle | None = None
         self._prefetch = min(HOST_PREFETCH, cfg.remote_capacity)
@@ -143,17 +210,27 @@ class Link:
     ) -> int:
         """Queue one outbound message: OK, or LINK_DOWN / FULL_RING (outbound queue
         full), which the caller counts as a drop or backs off from."""
-        if self.closing or self.state == L.LINK_DOWN:
+        if self.closing:
             return LINK_DOWN
         out = self.out
-        if len(out) >= MAX_OUTBOUND:
+        if len(out) >= 2 * self.limit or self.out_bytes >= 2 * self.limit_bytes:
             return FULL_RING
         out.append((kind, name, payload, expires_at, key))
-        if len(out) >= HIGH_WATER and not self.busy:
+        self.out_bytes += len(payload)
+        if not self.busy and (len(out) >= self.limit or self.out_bytes >= self.limit_bytes):
             self.busy = True
             self.p.ns.link_set(L.LQ_BUSY, 1)
         self.kick()
         return OK
+
+    def _popleft(self) -> tuple[int, str, bytes, float, str | None]:
+        item = self.out.popleft()
+        self.out_bytes -= len(item[2])
+        return item
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.unconfirmed)
 
     def kick(self) -> None:
         """Wake the publisher (once per batch) for what is in ``out``."""
@@ -175,67 +252,75 @@ class Link:
         self.request_sync()
 
     # ================================================================ loop thread
-    def _set_state(self, state: int) -> None:
+    def _set_state(self, state: int, reason: int = 0, text: str = "") -> None:
         self.state = state
+        self.reason = text or L.REASONS.get(reason, "")
         ns = self.p.ns
+        ns.link_set(L.LQ_REASON, reason)
         ns.link_set(L.LQ_STATE, state)
         ns.link_set(L.LQ_CHANGES, ns.link_get(L.LQ_CHANGES) + 1)
 
     def _bump_syncs(self) -> None:
         self.syncs += 1
+        self.last_sync_wall = time.time()
+        self.p.ns.link_set(L.LQ_SYNC_AT, int(self.last_sync_wall * 1000))
         self.p.ns.link_set(L.LQ_SYNCS, self.syncs)
+
+    def _not_up(self, reason: int, text: str) -> None:
+        """The link is not up (a failed attempt or a lost connection): what is handed
+        over is kept (bounded, CONFIG outbound_limit) and published once it is up."""
+        if self.state != L.LINK_DOWN or self.reason != text:
+            self._set_state(L.LINK_DOWN, reason, text)
 
     async def _run(self) -> None:
         failures = 0
+        cfg = self.cfg
+        plain = not any(u.startswith("amqps://") for u in cfg.broker_urls)
+        if cfg.ssl_context is not None and plain:
+            log.warning(
+                "hybrid_layer: CONFIG['ssl_context'] is set but no URL in CONFIG['host'] is "
+                "amqps://: the connection is NOT encrypted (use amqps://host:5671/)"
+            )
         while not self.closing:
-            urls = self.cfg.broker_urls
+            urls = cfg.broker_urls
             url = urls[self.url_index % len(urls)]
             try:
-                await asyncio.wait_for(self._connect(url), self.cfg.connect_timeout)
+                await self._connect(url)
             except (Exception, asyncio.CancelledError) as exc:
                 if isinstance(exc, asyncio.CancelledError) and self._cancelled():
                     raise
                 await self._drop_connection()
                 failures += 1
                 self.url_index += 1
-                if self.state != L.LINK_DOWN:
-                    self._set_state(L.LINK_DOWN)
-                    self._drop_outbound("broker unreachable")
+                reason, text = _explain(exc, cfg)
+                self._not_up(reason, text)
+                self._expire_out()
                 delay = min(BACKOFF_MAX, BACKOFF_MIN * 2 ** min(failures, 10))
                 delay *= random.uniform(0.5, 1.5)
                 limited.warning(
                     "link-connect",
-                    "hybrid_layer: cannot reach RabbitMQ at %s (%s: %s); retrying in %.1fs",
+                    "hybrid_layer: cannot use RabbitMQ at %s: %s; retrying in %.1fs "
+                    "(cross-host messages are kept meanwhile, up to outbound_limit)",
                     _safe(url),
-                    type(exc).__name__,
-                    exc,
+                    text,
                     delay,
                 )
                 await asyncio.sleep(delay)
                 continue
-            if self.ever_up:
-                self.p.counters.broker_reconnects += 1
-                log.warning("hybrid_layer: RabbitMQ link restored (%s)", _safe(url))
-            else:
-                log.info("hybrid_layer: leader connected to RabbitMQ at %s", _safe(url))
             failures = 0
-            self.ever_up = True
-            self._set_state(L.LINK_UP)
             try:
-                await self._serve()
+                await self._serve(url)
             except (Exception, asyncio.CancelledError) as exc:
                 if isinstance(exc, asyncio.CancelledError) and self._cancelled():
                     raise
                 limited.warning(
                     "link-lost",
-                    "hybrid_layer: RabbitMQ link lost (%s: %s); reconnecting",
-                    type(exc).__name__,
-                    exc,
+                    "hybrid_layer: RabbitMQ link lost (%s); reconnecting",
+                    _explain(exc, cfg)[1],
                 )
             await self._drop_connection()
             if not self.closing:
-                self._set_state(L.LINK_DOWN)
-                self._drop_outbound("link down")
+                self._not_up(L.REASON_LOST, L.REASONS[L.REASON_LOST])
                 await asyncio.sleep(BACKOFF_MIN * random.uniform(0.5, 1.5))
 
     def _cancelled(self) -> bool:
@@ -247,6 +332,7 @@ class Link:
         return self.closing or (task is not None and task.cancelling() > 0)
 
     async def _connect(self, url: str) -> None:
+        """Open the connection, claim the host's identity, declare and consume."""
         cfg = self.cfg
         self.url = url
         kwargs: dict[str, Any] = {
@@ -256,33 +342,74 @@ class Link:
         }
         if cfg.ssl_context is not None:
             kwargs["context"] = cfg.ssl_context
-        conn = self.conn = await aiormq.connect(_with_heartbeat(url, cfg.heartbeat), **kwargs)
+        self.conn = await asyncio.wait_for(
+            aiormq.connect(_with_heartbeat(url, cfg.heartbeat), **kwargs), cfg.connect_timeout
+        )
+        await self._claim()
+        await asyncio.wait_for(self._declare(), cfg.connect_timeout)
+
+    async def _claim(self) -> None:
+        """Hold ``<prefix>.<host_id>.claim`` (exclusive: it goes with our connection),
+        so that two hosts can never share one host queue. A previous leader's
+        connection may hold it a moment longer (a killed process: until the broker sees
+        its socket close; a stalled one: its heartbeat timeout): wait that long, then
+        say loudly that another host uses this host_id, and keep trying."""
+        cfg, c = self.cfg, self.p.counters
+        name = claim_queue(cfg.prefix, cfg.host_id)
+        grace = 2.5 * max(cfg.heartbeat, 1) + 2.0
+        start = time.monotonic()
+        clash = False
+        told_at = -1e9
+        while True:
+            ch = await self.conn.channel(publisher_confirms=False)
+            try:
+                await ch.queue_declare(name, exclusive=True, auto_delete=True)
+            except aiormq.exceptions.ChannelLockedResource:
+                c.broker_claim_refused += 1
+                waited = time.monotonic() - start
+                if waited >= grace:
+                    clash = True
+                    text = (
+                        f"host_id {cfg.host_id!r} is claimed by another connection for "
+                        f"{waited:.0f}s: another host runs with the same host_id "
+                        "(set CONFIG['host_id'] per host); this host neither sends nor "
+                        "receives across hosts until that ends"
+                    )
+                    self._not_up(L.REASON_CLAIMED, text)
+                    if time.monotonic() >= told_at + 30.0:  # an ERROR every 30 s
+                        told_at = time.monotonic()
+                        log.error("hybrid_layer: %s", text)
+                await asyncio.sleep(0.1 if waited < grace else 2.0)
+                continue
+            with contextlib.suppress(Exception):
+                await ch.close()
+            if clash:
+                log.warning("hybrid_layer: host_id %r claimed at last", cfg.host_id)
+            return
+
+    async def _declare(self) -> None:
+        cfg, conn = self.cfg, self.conn
         ch = self.ch = await conn.channel(publisher_confirms=True)
         self._fast_publish = _can_publish_directly(ch)
         await ch.exchange_declare(cfg.groups_exchange, exchange_type="direct")
-        args: dict[str, Any] = {
-            "x-max-length": cfg.remote_capacity,
-            "x-overflow": "reject-publish",
-            "x-message-ttl": int(cfg.expiry * 1000),
-        }
-        for attempt in range(20):
-            try:
-                await ch.queue_declare(self.queue, exclusive=True, auto_delete=True, arguments=args)
-                break
-            except aiormq.exceptions.ChannelLockedResource:
-                # the previous leader's connection is still closing (or, if this never
-                # clears, another host runs with the same host_id)
-                if attempt == 19:
-                    raise
-                log.warning(
-                    "hybrid_layer: queue %s is still held by another connection "
-                    "(previous leader closing, or another host with host_id %r?)",
-                    self.queue,
-                    cfg.host_id,
-                )
-                ch = self.ch = await conn.channel(publisher_confirms=True)
-                self._fast_publish = _can_publish_directly(ch)
-                await asyncio.sleep(0.1)
+        durable, args = host_queue_args(cfg)
+        try:
+            await ch.queue_declare(self.queue, durable=durable, arguments=args)
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            # made by another version or other settings (remote_capacity, expiry,
+            # queue_type): used as it is; deleting it applies the new ones
+            limited.warning(
+                "host-queue-mismatch",
+                "hybrid_layer: queue %s exists with other arguments (%s); using it as it "
+                "is: delete it (rabbitmqctl delete_queue %s) while no leader of this host "
+                "runs to apply the current settings",
+                self.queue,
+                exc,
+                self.queue,
+            )
+            ch = self.ch = await conn.channel(publisher_confirms=True)
+            self._fast_publish = _can_publish_directly(ch)
+            await ch.queue_declare(self.queue, passive=True)
         # acknowledged (in batches) so that a stalled leader holds at most the prefetch
         # and the rest waits on the broker, where remote_capacity applies
         await ch.basic_qos(prefetch_count=self._prefetch)
@@ -309,27 +436,58 @@ class Link:
                 await asyncio.wait_for(conn.close(), 1.0)
 
     def _take_all(self) -> int:
-        n = 0
-        with contextlib.suppress(IndexError):
-            while True:
-                self.out.popleft()
-                n += 1
+        """Forget everything not yet confirmed; returns how many messages."""
+        n = len(self.out) + self.retry_count
+        self.out.clear()
+        self.out_bytes = 0
+        self.retry.clear()
+        self.retry_count = 0
+        n += sum(pub.n for pub in self.unconfirmed.values())
+        self.unconfirmed.clear()
+        self._room.set()
         if self.busy:
             self.busy = False
             self.p.ns.link_set(L.LQ_BUSY, 0)
         return n
 
-    def _drop_outbound(self, why: str) -> None:
-        n = self._take_all()
+    def _expire_out(self) -> None:
+        """While the link is not up: drop (and count) what expired at the queue's head."""
+        out, now, n = self.out, time.monotonic(), 0
+        while out and out[0][3] <= now:
+            self._popleft()
+            n += 1
         if n:
-            self.p.counters.dropped_link_down += n
-            limited.warning("link-drop", "hybrid_layer: %d outbound messages dropped: %s", n, why)
+            self.p.counters.dropped_expired += n
+            limited.warning(
+                "out-expired",
+                "hybrid_layer: %d cross-host message(s) expired waiting for the link",
+                n,
+            )
+        self._not_busy()
 
-    async def _serve(self) -> None:
-        """Publish, sync bindings and flush until the connection closes."""
+    def _not_busy(self) -> None:
+        low = len(self.out) <= self.limit // 4 and self.out_bytes <= self.limit_bytes // 4
+        if self.busy and low:
+            self.busy = False
+            self.p.ns.link_set(L.LQ_BUSY, 0)
+
+    async def _serve(self, url: str) -> None:
+        """Bind, then publish (what a lost connection left unconfirmed first), sync
+        bindings and flush until the connection closes. The link is "up" (and
+        ``on_reconnect`` goes out) only once every binding is in place."""
         conn = self.conn
         assert conn is not None
-        self._sync_wanted.set()  # a new connection has no bindings yet
+        self.conn_gen += 1
+        while not await self._sync():  # a group set was mid-rebuild
+            await asyncio.sleep(0.01)
+        if self.ever_up:
+            self.p.counters.broker_reconnects += 1
+            log.warning("hybrid_layer: RabbitMQ link restored (%s)", _safe(url))
+        else:
+            log.info("hybrid_layer: leader connected to RabbitMQ at %s", _safe(url))
+        self.ever_up = True
+        await self._republish()
+        self._set_state(L.LINK_UP)
         self._wake.set()
         tasks = [
             asyncio.ensure_future(self._publisher()),
@@ -362,6 +520,33 @@ class Link:
             for t in tasks:
                 with contextlib.suppress(BaseException):
                     await t
+
+    async def _republish(self) -> None:
+        """Publish again, in order and with their ids, what the last connection left
+        unconfirmed: the receiving hosts skip those that did arrive. A normal channel's
+        message is not (hosts share its queue, so nobody could tell): counted lost."""
+        c = self.p.counters
+        now = time.monotonic()
+        for seq, pub in list(self.unconfirmed.items()):
+            if pub.gen == self.conn_gen:
+                continue
+            del self.unconfirmed[seq]
+            if pub.kind == L.KIND_OUT_NORMAL:
+                c.dropped_link_down += pub.n
+                limited.warning(
+                    "link-drop",
+                    "hybrid_layer: %d message(s) to normal channel %r unconfirmed when the "
+                    "link died: dropped (maybe delivered)",
+                    pub.n,
+                    pub.name,
+                )
+            elif pub.until <= now:
+                c.dropped_expired += pub.n
+            else:
+                c.broker_republished += pub.n
+                frame = self._emit(pub)
+                if frame is not None:
+                    await self.ch.write_queue.put(frame)
 
     # ---------------------------------------------------------------- publishing
     async def _publisher(self) -> None:
@@ -424,7 +609,7 @@ class Link:
         """Take the next AMQP message's worth from ``out``: the first message and, for a
         host or group, those after it for the same destination (``publish_batch``)."""
         out = self.out
-        batch = [out.popleft()]
+        batch = [self._popleft()]
         kind, name = batch[0][0], batch[0][1]
         dest = self._route(kind, name)
         if kind != L.KIND_OUT_NORMAL:
@@ -434,11 +619,10 @@ class Link:
                 nxt = out[0]
                 if nxt[0] != kind or (nxt[1] != name and self._route(kind, nxt[1]) != dest):
                     break
-                batch.append(out.popleft())
+                batch.append(self._popleft())
                 size += len(nxt[2])
-        if self.busy and len(out) <= LOW_WATER:
-            self.busy = False
-            self.p.ns.link_set(L.LQ_BUSY, 0)
+        if self.busy:
+            self._not_busy()
         return batch, dest
 
     def _route(self, kind: int, name: str) -> tuple[str, str, bool] | None:
@@ -462,7 +646,7 @@ class Link:
         """One AMQP message to ``dest`` (``_route`` of the first): one frame, or a batch
         of frames for that one destination. Returns what the caller puts on the
         channel's write queue (``_fast_publish``), else None (published in a task, or
-        nothing to publish)."""
+        nothing to publish, or kept behind messages waiting for their queue)."""
         cfg = self.cfg
         c = self.p.counters
         kind, name, _, _, key = batch[0]
@@ -484,21 +668,44 @@ class Link:
         if dest is None:
             c.dropped_no_channel += len(frames)
             return None
-        exchange, rk, mandatory = dest
         body = frames[0] if len(frames) == 1 else wire.encode_batch(frames)
+        pub = Pub(kind, name, key, dest, body, len(frames), now_mono + longest)
+        c.broker_published += pub.n
+        if pub.n > 1:
+            c.broker_batches += 1
+        waiting = self.retry.get(dest[1])
+        if waiting is not None:  # behind messages waiting for this queue (FIFO)
+            waiting.append(pub)
+            self.retry_count += pub.n
+            return None
+        return self._emit(pub)
+
+    def _emit(self, pub: Pub) -> Any:
+        """Publish ``pub`` on the current channel (a new sequence number unless it is
+        published again after a lost connection); see ``_publish``."""
+        c = self.p.counters
+        if not pub.seq:
+            self.seq += 1
+            pub.seq = self.seq
+        pub.gen = self.conn_gen
+        exchange, rk, mandatory = pub.dest
+        remaining = pub.until - time.monotonic()
         # the broker's own expiry: the latest of the batch (each frame carries its own)
-        props = spec.Basic.Properties(delivery_mode=1, expiration=str(max(1, int(longest * 1000))))
-        n = len(frames)
+        props = spec.Basic.Properties(
+            delivery_mode=1,
+            expiration=str(max(1, int(remaining * 1000))),
+            message_id=message_id(self.nonce, pub.seq),
+        )
         ch = self.ch
         fut: asyncio.Future[Any]
         frame = None
         try:
             if self._fast_publish:
-                fut, frame = _publish_frame(ch, body, exchange, rk, props, mandatory)
+                fut, frame = _publish_frame(ch, pub.body, exchange, rk, props, mandatory)
             else:
                 fut = asyncio.ensure_future(
                     ch.basic_publish(
-                        body,
+                        pub.body,
                         exchange=exchange,
                         routing_key=rk,
                         properties=props,
@@ -506,55 +713,118 @@ class Link:
                     )
                 )
         except Exception as exc:  # not published: counted, never lost silently
-            c.dropped_link_down += n
+            c.dropped_link_down += pub.n
             limited.warning(
                 "publish-failed",
                 "hybrid_layer: %d message(s) to %r dropped: cannot publish (%s: %s)",
-                n,
-                name,
+                pub.n,
+                pub.name,
                 type(exc).__name__,
                 exc,
             )
             return None
-        self.in_flight += 1
-        fut.add_done_callback(lambda f: self._confirmed(f, key, name, n))
-        c.broker_published += n
-        if n > 1:
-            c.broker_batches += 1
+        self.unconfirmed[pub.seq] = pub
+        fut.add_done_callback(lambda f: self._confirmed(f, pub))
         return frame
 
-    def _confirmed(self, fut: asyncio.Future[Any], key: str | None, name: str, n: int) -> None:
-        self.in_flight -= 1
-        if self.in_flight < MAX_IN_FLIGHT // 2:
+    def _confirmed(self, fut: asyncio.Future[Any], pub: Pub) -> None:
+        if self.unconfirmed.get(pub.seq) is not pub or pub.gen != self.conn_gen:
+            return  # forgotten (flush, close) or published again on a newer connection
+        exc = None if fut.cancelled() else fut.exception()
+        if fut.cancelled() or not (exc is None or isinstance(exc, aiormq.exceptions.DeliveryError)):
+            return  # the connection failed: kept, published again on the next one
+        del self.unconfirmed[pub.seq]
+        if len(self.unconfirmed) < MAX_IN_FLIGHT // 2:
             self._room.set()
         c = self.p.counters
-        if fut.cancelled():
-            c.dropped_link_down += n
-            return
-        exc = fut.exception()
+        n, name, key = pub.n, pub.name, pub.key
         if exc is None:
             c.broker_confirmed += n
-        elif isinstance(exc, aiormq.exceptions.PublishError):  # basic.return: unroutable
+            if self.retry_delay:
+                self.retry_delay.pop(pub.dest[1], None)
+        elif isinstance(exc, aiormq.exceptions.PublishError):  # basic.return: no queue
             c.broker_returned += n
-            c.dropped_no_channel += n
-            limited.warning(
-                "remote-none",
-                "hybrid_layer: %d message(s) to %r dropped: no such host or channel on the broker",
-                n,
-                name,
-            )
-        elif isinstance(exc, aiormq.exceptions.DeliveryError):  # basic.nack: queue full
+            self._returned(pub)
+        else:  # basic.nack: the queue rejected it (full, or a node failing)
             c.dropped_remote_full += n
             limited.warning(
                 "remote-full",
-                "hybrid_layer: %d message(s) to %r dropped: its queue on the broker is full",
+                "hybrid_layer: %d message(s) to %r dropped: RabbitMQ rejected them (nack): "
+                "its queue is full (x-max-length = remote_capacity), a policy limits it "
+                "(max-length, max-length-bytes) or the queue's node is failing",
                 n,
                 name,
             )
             if key is not None:
                 self._flag_full(key)
-        else:
-            c.dropped_link_down += n
+
+    def _returned(self, pub: Pub) -> None:
+        """A message the broker could not route: its host's queue does not exist (yet:
+        a host coming up for the first time). Kept, in order with what follows for the
+        same queue, and published again until it expires."""
+        c = self.p.counters
+        rk = pub.dest[1]
+        if pub.kind == L.KIND_OUT_NORMAL:
+            self.declared.pop(name_hash("n", pub.name), None)
+        if pub.until <= time.monotonic() or self.retry_count >= self.limit:
+            c.dropped_no_channel += pub.n
+            limited.warning(
+                "remote-none",
+                "hybrid_layer: %d message(s) to %r dropped: no queue %r on the broker "
+                "(that host has not been up within the message's expiry)",
+                pub.n,
+                pub.name,
+                rk,
+            )
+            return
+        q = self.retry.get(rk)
+        if q is None:
+            q = self.retry[rk] = deque()
+            delay = self.retry_delay[rk] = min(
+                RETRY_MAX, 2 * self.retry_delay.get(rk, RETRY_MIN / 2)
+            )
+            self.loop.call_later(delay, self._retry, rk)
+        pub.seq = 0  # a new id: newer messages may have reached that queue meanwhile
+        q.append(pub)
+        self.retry_count += pub.n
+
+    def _retry(self, rk: str) -> None:
+        q = self.retry.pop(rk, None)
+        if not q:
+            return
+        c = self.p.counters
+        now = time.monotonic()
+        while q:
+            if self.ch is not None and self._fast_publish and self.ch.write_queue.full():
+                self.retry[rk] = q  # the rest in a moment, still ahead of newer ones
+                self.loop.call_later(RETRY_MIN, self._retry, rk)
+                return
+            pub = q.popleft()
+            self.retry_count -= pub.n
+            if pub.until <= now:
+                c.dropped_no_channel += pub.n
+                limited.warning(
+                    "remote-none",
+                    "hybrid_layer: %d message(s) to %r dropped: no queue %r on the broker "
+                    "(that host has not been up within the message's expiry)",
+                    pub.n,
+                    pub.name,
+                    rk,
+                )
+                continue
+            if self.state != L.LINK_UP or self.ch is None or self.ch.is_closed:
+                pub.gen = 0  # published when the link is up again (see _republish)
+                pub.seq = pub.seq or self._next_seq()
+                self.unconfirmed[pub.seq] = pub
+                continue
+            c.broker_retried += pub.n
+            frame = self._emit(pub)
+            if frame is not None:
+                self.ch.write_queue.put_nowait(frame)
+
+    def _next_seq(self) -> int:
+        self.seq += 1
+        return self.seq
 
     def _flag_full(self, key: str) -> None:
         if key not in self.full:
@@ -614,20 +884,29 @@ class Link:
                 await self._purge()
             await self._sync()
 
-    async def _sync(self) -> None:
+    async def _sync(self) -> bool:
+        """Make the broker's bindings and normal-channel consumers match this host's
+        interest; False if a group set was mid-rebuild (nothing done: try again).
+
+        New bindings are pipelined: ``queue.bind`` with no-wait, one after another,
+        then one synchronous call on the same channel, which the broker answers only
+        after every bind before it (a failed bind closes the channel instead)."""
         self.p.ns.link_set(L.LQ_SYNCS_STARTED, self.syncs + 1)
         interest = self.p.interest()
         if interest is None:  # a set was mid-rebuild: try again shortly
             self.p.ns.link_set(L.LQ_SYNCS_STARTED, self.syncs)
             self.loop.call_later(0.01, self._sync_wanted.set)
-            return
+            return False
         groups, normals = interest
         ch, cfg = self.ch, self.cfg
-        for h in groups - self.bound:
+        new = groups - self.bound
+        for h in new:
             await ch.queue_bind(
-                self.queue, cfg.groups_exchange, routing_key=group_key(cfg.prefix, h)
+                self.queue, cfg.groups_exchange, routing_key=group_key(cfg.prefix, h), nowait=True
             )
-            self.bound.add(h)
+        if new:
+            await ch.queue_declare(self.queue, passive=True)  # the fence
+            self.bound |= new
         for h in self.bound - groups:
             await ch.queue_unbind(
                 self.queue, cfg.groups_exchange, routing_key=group_key(cfg.prefix, h)
@@ -651,6 +930,7 @@ class Link:
                 if until <= now:
                     del self.paused[h]
         self._bump_syncs()
+        return True
 
     async def _purge(self) -> None:
         """flush(): empty what this host owns on the broker (and holds for its readers)."""
@@ -682,6 +962,16 @@ class Link:
         c.broker_received += 1
         return frame, time.monotonic() + min(remaining, self.cfg.expiry)
 
+    def _too_large(self, size: int) -> None:
+        self.p.counters.dropped_too_large += 1
+        limited.warning(
+            "too-large",
+            "hybrid_layer: a %d-byte message from the broker dropped: over this host's "
+            "max_message_bytes (%d); every host must use the same max_message_bytes",
+            size,
+            self.cfg.max_message_bytes,
+        )
+
     # ---------------------------------------------------------------- held deliveries
     def _hold(
         self, q: deque[tuple[bytes, float]], channel: str, payload: bytes, expires_at: float
@@ -693,7 +983,10 @@ class Link:
         rejects, and senders on other hosts get ``ChannelFull``."""
         # a bound on memory even against a peer that batches beyond PUBLISH_BATCH_MAX
         # (conforming ones cannot get here: prefetch stops deliveries first)
-        if self.held_total >= HOLD_MAX + self._prefetch * PUBLISH_BATCH_MAX:
+        if (
+            self.held_total >= HOLD_MAX + self._prefetch * PUBLISH_BATCH_MAX
+            or self.held_bytes >= 2 * HOLD_BYTES
+        ):
             self.p.counters.dropped_full += 1
             limited.warning("held-full", "hybrid_layer: copy for %r dropped: full", channel)
             return
@@ -701,6 +994,7 @@ class Link:
             self._held_epoch = self.p.ns.flush_epoch()
         q.append((payload, expires_at))
         self.held_total += 1
+        self.held_bytes += len(payload)
         if self._retry_handle is None:
             self._retry_handle = self.loop.call_later(HOLD_RETRY, self._retry_held)
 
@@ -723,18 +1017,19 @@ class Link:
                         break
                 q.popleft()
                 self.held_total -= 1
+                self.held_bytes -= len(payload)
             if not q:
                 del self.held[channel]
         if self.held:
             self._retry_handle = self.loop.call_later(HOLD_RETRY, self._retry_held)
-        if self._ack_held_back and self.held_total < HOLD_LOW:
+        if self._ack_held_back and self.held_total < HOLD_LOW and self.held_bytes < HOLD_BYTES // 2:
             self._ack_held_back = False
             if self.ch is not None:
                 self._send_ack()
 
     def _clear_held(self) -> int:
         """Forget every held message; returns how many (the caller counts them)."""
-        n, self.held_total = self.held_total, 0
+        n, self.held_total, self.held_bytes = self.held_total, 0, 0
         self.held.clear()
         return n
 
@@ -753,7 +1048,7 @@ class Link:
         if msg.channel is not self.ch:  # a tag of a channel gone since means nothing now
             return
         self._ack_tag = max(self._ack_tag, msg.delivery.delivery_tag)
-        if self.held_total >= HOLD_MAX:
+        if self.held_total >= HOLD_MAX or self.held_bytes >= HOLD_BYTES:
             self._ack_held_back = True
             return
         if not self._ack_scheduled:
@@ -769,7 +1064,7 @@ class Link:
         tag to the broker, which closes the channel. The next one goes when this one
         is written."""
         self._ack_scheduled = False
-        if self.held_total >= HOLD_MAX:
+        if self.held_total >= HOLD_MAX or self.held_bytes >= HOLD_BYTES:
             self._ack_held_back = True
             return
         if self._ack_task is not None:
@@ -789,6 +1084,10 @@ class Link:
             self.loop.call_soon(self._send_ack)
 
     def _on_host_message(self, msg: DeliveredMessage) -> None:
+        """A delivery from the host queue: one frame or a batch. Acknowledged (in
+        batches, ``_ack_later``) about 1 ms after it was handled; a frame already
+        delivered (a dead leader's unacknowledged deliveries, or a sender's publish
+        again after a lost connection) is skipped by its id (``dedup``)."""
         self._ack_later(msg)
         try:
             parts = wire.split(msg.body)
@@ -796,7 +1095,22 @@ class Link:
             self._malformed(exc)
             return
         p = self.p
-        for data in parts if parts is not None else (msg.body,):
+        c = p.counters
+        ids = parse_message_id(msg.header.properties.message_id)
+        dedup = self.dedup
+        entry = seq = 0
+        if ids is not None:
+            entry, seq = dedup.entry(ids[0]), ids[1]
+        for i, data in enumerate(parts if parts is not None else (msg.body,)):
+            if ids is not None:
+                m = mark(seq, i)
+                if dedup.seen(entry, m):
+                    c.broker_duplicates += 1
+                    continue
+                dedup.record(entry, m)
+            if len(data) > self.max_frame:
+                self._too_large(len(data))
+                continue
             got = self._frame(data)
             if got is None:
                 continue
@@ -823,10 +1137,22 @@ class Link:
         can never make the broker deliver it twice. When this host's readers have no
         room it is rejected back to the queue (where ``capacity`` applies and other
         hosts' readers can take it) and the consumer pauses for a moment.
+
+        A broker that fails over a mirrored queue may deliver again what we had
+        acknowledged: a redelivered message whose id this host has delivered is skipped.
         """
-        got = self._frame(msg.body)
         tag = msg.delivery.delivery_tag
         ch = msg.channel
+        mid = msg.header.properties.message_id
+        if mid and msg.delivery.redelivered and mid in self.seen:
+            self.p.counters.broker_duplicates += 1
+            await ch.basic_ack(tag, wait=False)
+            return
+        if len(msg.body) > self.max_frame:
+            self._too_large(len(msg.body))
+            await ch.basic_ack(tag, wait=False)
+            return
+        got = self._frame(msg.body)
         if got is None or got[0].kind != wire.NORMAL:
             if got is not None:
                 self.p.counters.dropped_malformed += 1
@@ -845,15 +1171,27 @@ class Link:
             self.loop.call_later(NORMAL_PAUSE, self._sync_wanted.set)
             return
         await ch.basic_ack(tag, wait=False)
+        if mid:
+            self._remember(mid)
         r = self.p.deliver_normal(frame.name, frame.payload, expires_at)
         if r != OK:  # the room went in the meantime: dropped, counted
             self.p._count_forward_failure(r, frame.name)
+
+    def _remember(self, mid: str) -> None:
+        seen, order = self.seen, self.seen_order
+        seen.add(mid)
+        order.append(mid)
+        if len(order) > SEEN_MAX:
+            seen.discard(order.popleft())
 
     # ================================================================ close
     async def aclose(self, linger: float = 2.0) -> None:
         """Publish what is queued (up to ``linger`` s), then close the connection."""
         deadline = time.monotonic() + linger
-        while (self.out or self.in_flight) and self.state in (L.LINK_UP, L.LINK_CONNECTING):
+        while (self.out or self.in_flight or self.retry_count) and self.state in (
+            L.LINK_UP,
+            L.LINK_CONNECTING,
+        ):
             if time.monotonic() >= deadline:
                 break
             await asyncio.sleep(0.005)
@@ -880,7 +1218,12 @@ class Link:
             "outbound": len(self.out),
             "in_flight": self.in_flight,
             "held": self.held_total,
+            "held_bytes": self.held_bytes,
+            "outbound_bytes": self.out_bytes,
+            "retrying": self.retry_count,
             "syncs": self.syncs,
+            "last_sync": self.last_sync_wall,
+            "reason": self.reason,
         }
 
 
@@ -917,8 +1260,7 @@ def _publish_frame(
     Used only where the channel has the state it relies on (aiormq 6.8 to 7).
     """
     tag = ch.delivery_tag + 1
-    mid = str(tag)
-    props.message_id = mid
+    mid = props.message_id  # unique per publish: a basic.return is matched by it
     # the frame first: if it cannot be built, no tag is taken (a gap would shift every
     # later confirmation onto the wrong message)
     if 0 < len(body) < getattr(ch, "max_content_size", 0):  # one body frame
@@ -964,6 +1306,43 @@ def _run_inline(ch: Any, tag: str, callback: Any) -> None:
             return _nothing()
 
         consumers[tag] = inline
+
+
+def _explain(exc: BaseException, cfg: Any) -> tuple[int, str]:
+    """(L.REASON_*, a sentence) for why connecting or serving failed: what an operator
+    needs to act on, not the AMQP client's internals."""
+    import ssl
+
+    if isinstance(exc, ssl.SSLError):
+        why = getattr(exc, "verify_message", None) or getattr(exc, "reason", None) or exc
+        return L.REASON_TLS, (
+            f"TLS handshake failed ({why}): check CONFIG['ssl_context'] (its CA file, "
+            "client certificate) and that the URL's host name matches the certificate"
+        )
+    if isinstance(exc, asyncio.TimeoutError | TimeoutError):
+        return L.REASON_TIMEOUT, (
+            f"no answer within connect_timeout ({cfg.connect_timeout:g}s) while connecting "
+            "or declaring: the address accepts TCP but does not speak AMQP there (a TLS "
+            "port without amqps://? a firewall?), or the broker is overloaded"
+        )
+    text = str(exc)
+    if isinstance(exc, aiormq.exceptions.InvalidFrameError) and "Connection.Close" in text:
+        return L.REASON_REFUSED, (
+            "RabbitMQ closed the connection while opening it: the vhost in the URL does "
+            "not exist or the user has no permission on it (rabbitmqctl list_permissions)"
+        )
+    if isinstance(
+        exc,
+        aiormq.exceptions.ProbableAuthenticationError | aiormq.exceptions.AuthenticationError,
+    ):
+        return L.REASON_REFUSED, f"RabbitMQ refused the login ({text}): check user and password"
+    if isinstance(exc, aiormq.exceptions.ChannelAccessRefused):
+        return L.REASON_REFUSED, f"RabbitMQ refused access ({text}): check the user's permissions"
+    if isinstance(exc, aiormq.exceptions.AMQPChannelError):
+        return L.REASON_DECLARE, f"{type(exc).__name__}: {text}"
+    if isinstance(exc, OSError):  # (aiormq's connection errors are OSErrors too)
+        return L.REASON_UNREACHABLE, f"{exc.strerror or text or type(exc).__name__}"
+    return L.REASON_LOST, f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _ignore_result(fut: asyncio.Future[Any]) -> None:

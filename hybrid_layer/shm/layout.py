@@ -24,7 +24,8 @@ import struct
 from dataclasses import dataclass
 
 MAGIC = 0x48594252_4C415931  # "HYBRLAY1"
-VERSION = 3  # 2: broker mode (outbound kinds, link words, tagged hashes); 3: broker_batches
+VERSION = 4  # 2: broker mode (outbound kinds, link words, tagged hashes); 3: broker_batches;
+# 4: the host-queue dedupe table, link reason and sync-time words, new counters
 
 INIT_LOCK = 0
 LEADER_LOCK = 1
@@ -78,6 +79,12 @@ STATS_FIELDS = (
     "broker_received",
     "broker_reconnects",
     "broker_batches",  # AMQP messages that carried more than one message
+    # broker mode, transitions (layout 4)
+    "dropped_too_large",  # a frame from the broker over this host's max_message_bytes
+    "broker_duplicates",  # redelivered or republished frames skipped (already delivered)
+    "broker_retried",  # returned (no queue yet) and published again
+    "broker_republished",  # unconfirmed when a connection died, published again
+    "broker_claim_refused",  # attempts to claim the host_id that another connection holds
 )
 REG_STATS = struct.Struct("@" + "Q" * len(STATS_FIELDS))
 # the leader's link words, in its own registry slot record (u64 each, typed-view access):
@@ -87,11 +94,40 @@ LQ_SYNCS = 1  # binding syncs completed
 LQ_SYNCS_STARTED = 3  # binding syncs started (a group_add waits for one started after it)
 LQ_BUSY = 4  # 1 while the leader's outbound queue is over its high-water mark
 LQ_CHANGES = 2  # link state changes (participants notice drops and recoveries)
+LQ_SYNC_AT = 5  # wall-clock ms when the last binding sync completed
+LQ_REASON = 6  # why the link is not up: REASON_* below (0 while up)
 LINK_NONE = 0  # single host, or no leader link yet
 LINK_DOWN = 1
 LINK_UP = 2
 LINK_CONNECTING = 3  # a new leader's first attempt: hand-offs are buffered, not dropped
 assert REG_STATS_OFFSET + REG_STATS.size <= REG_LINK_OFFSET
+#: why a link is not up (``LQ_REASON``); the leader's log and ``statistics()`` say more
+REASONS = {
+    0: "",
+    1: "broker unreachable",
+    2: "broker refused the connection (credentials, vhost or permissions)",
+    3: "TLS handshake failed",
+    4: "timed out",
+    5: "host_id claimed by another connection (another host with the same host_id?)",
+    6: "connection lost",
+    7: "declaring the host's queue failed",
+}
+REASON_UNREACHABLE = 1
+REASON_REFUSED = 2
+REASON_TLS = 3
+REASON_TIMEOUT = 4
+REASON_CLAIMED = 5
+REASON_LOST = 6
+REASON_DECLARE = 7
+
+# the host-queue dedupe table, in the registry header page, written by the leader only:
+# per publisher (a remote link's nonce) the highest (seq << 11 | frame) delivered, so
+# that a new leader skips what its dead predecessor had delivered but not acknowledged
+DEDUP_OFFSET = 2048
+DEDUP_ENTRIES = 64
+DEDUP_WORDS = 3  # nonce, high-water mark, last used (monotonic ms)
+DQ_BASE = DEDUP_OFFSET // 8
+assert DEDUP_OFFSET + DEDUP_ENTRIES * DEDUP_WORDS * 8 <= PAGE
 
 SLOT_FREE = 0
 SLOT_LIVE = 1

@@ -44,7 +44,38 @@ def broker_url() -> str:
 
 @pytest.fixture
 def broker_config(ns_prefix: str, broker_url: str) -> dict[str, Any]:
-    return {"prefix": ns_prefix, "expiry": 10, "host": broker_url, "heartbeat": 5}
+    # host queues outlive their connections (x-expires): short-lived in tests, and
+    # deleted at the end of the session (``_delete_test_queues``)
+    return {
+        "prefix": ns_prefix,
+        "expiry": 10,
+        "host": broker_url,
+        "heartbeat": 5,
+        "host_queue_expires": 120,
+    }
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _delete_test_queues() -> Iterator[None]:
+    """At the end: delete the queues this session's tests made (names of test
+    prefixes, ``t`` and 12 hex digits), which outlive their connections by design."""
+    yield
+    if not broker_reachable():
+        return
+    import re
+
+    try:
+        rows = rabbitmqctl("list_queues", "name")
+    except (OSError, subprocess.SubprocessError):
+        return
+    # (a claim queue is exclusive: it goes with its connection)
+    mine = [
+        r[0]
+        for r in rows
+        if r and re.match(r"t[0-9a-f]{12}\.", r[0]) and not r[0].endswith(".claim")
+    ]
+    if mine:
+        delete_queues(BROKER, mine)
 
 
 HostsFactory = Callable[..., dict[str, list[Remote]]]
@@ -105,3 +136,28 @@ def rabbitmqctl(*args: str) -> list[list[str]]:
         timeout=60,
     ).stdout
     return [line.split("\t") for line in out.splitlines() if line.strip()]
+
+
+@pytest.fixture
+def proxy() -> Iterator[Any]:
+    """Request it before ``hosts``, so that it outlives the processes using it."""
+    from tests.broker.proxy import Proxy
+
+    px = Proxy()
+    yield px
+    px.close()
+
+
+@pytest.fixture
+def procs(broker_config: dict[str, Any]) -> Iterator[Any]:
+    """Participants started without waiting for their link (``hosts`` waits)."""
+    started: list[Remote] = []
+
+    def start(host_id: str, n: int, **overrides: Any) -> list[Remote]:
+        out = [Remote({**broker_config, "host_id": host_id, **overrides}) for _ in range(n)]
+        started.extend(out)
+        return out
+
+    yield start
+    for r in started:
+        r.close()

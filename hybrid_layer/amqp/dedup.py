@@ -65,16 +65,18 @@ class DedupTable:
         self.base = base
         self.entries = entries
         self.index: dict[int, int] = {}
+        self.clock = 0  # last "used" stamp: monotonic ms, strictly increasing here
         for e in range(entries):
             nonce = words[base + WORDS * e]
             if nonce:
                 self.index[nonce] = e
+                self.clock = max(self.clock, words[base + WORDS * e + 2])
 
     def entry(self, nonce: int) -> int:
         """The entry of publisher ``nonce`` (made, evicting the least recently used)."""
         e = self.index.get(nonce)
         w, b = self.w, self.base
-        now = int(time.monotonic() * 1000)
+        now = self.clock = max(int(time.monotonic() * 1000), self.clock + 1)
         if e is None:
             e = self._victim()
             off = b + WORDS * e

@@ -9,6 +9,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import math
+import os
 import re
 import socket
 from collections.abc import Mapping
@@ -41,10 +42,20 @@ BROKER_KEYS = frozenset(
 QUEUE_TYPES = ("classic", "quorum")
 
 
-def default_host_id() -> str:
-    """A short stable id for this machine: /etc/machine-id if present, else the hostname."""
+def default_host_id(shm_dir: str = "/dev/shm") -> str:
+    """A short stable id for the processes that share one ``shm_dir`` on one machine.
+
+    What makes processes one host is that they share shared memory, so the id is
+    derived from the machine (``/etc/machine-id``; else the kernel's boot id, shared by
+    every container on one kernel) and the device of ``shm_dir``: two containers with
+    their own ``/dev/shm`` (one tmpfs each) get two ids even from one image with one
+    machine-id; a sidecar that shares the pod's ``/dev/shm`` under another hostname
+    gets the same id. Not the hostname. Two machines that still come out equal (cloned
+    machine-ids and equal device numbers) are told apart by the broker's host claim,
+    loudly: set ``host_id`` per host then.
+    """
     raw = b""
-    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id", "/proc/sys/kernel/random/boot_id"):
         try:
             with open(path, "rb") as f:
                 raw = f.read().strip()
@@ -54,7 +65,11 @@ def default_host_id() -> str:
             break
     if not raw:
         raw = socket.gethostname().encode()
-    return "h" + hashlib.sha256(raw).hexdigest()[:10]
+    try:
+        dev = os.stat(shm_dir).st_dev
+    except OSError:
+        dev = 0
+    return "h" + hashlib.sha256(raw + b"|%d" % dev).hexdigest()[:10]
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,6 +256,8 @@ def parse_config(raw: Mapping[str, Any] | None = None, **kwargs: Any) -> LayerCo
             "receive_spin_us", values["receive_spin_us"], minimum=0, maximum=10_000, integer=True
         )
     out.update(_broker(values))
+    if "host_id" not in out:
+        out["host_id"] = default_host_id(out.get("shm_dir", "/dev/shm"))
     return LayerConfig(**out)
 
 

@@ -185,3 +185,63 @@ def test_frame_over_this_hosts_limit_is_dropped_on_arrival(hosts: HostsFactory) 
     big.call("send", ch, {"type": "after"})
     assert small.call("receive", ch, 10) == {"type": "after"}
     assert wait_until(lambda: small.call("stats").dropped["too_large"] == 1, 5)
+
+
+def test_quorum_host_queues_carry_traffic(hosts: HostsFactory) -> None:
+    hs = hosts({"qa": 1, "qb": 1}, queue_type="quorum")
+    (a,), (b,) = hs["qa"], hs["qb"]
+    ca, cb = a.call("new_channel"), b.call("new_channel")
+    b.call("group_add", "room", cb)
+    a.call("send", cb, {"type": "direct"})
+    a.call("group_send", "room", {"type": "group"})
+    assert [b.call("receive", cb, 10) for _ in range(2)] == [
+        {"type": "direct"},
+        {"type": "group"},
+    ]
+    b.call("send", ca, {"type": "back"})
+    assert a.call("receive", ca, 10) == {"type": "back"}
+
+
+def test_upgrade_from_an_exclusive_host_queue(procs: Any, broker_url: str, ns_prefix: str) -> None:
+    """An old version's leader holds the host's queue exclusively: the new leader keeps
+    trying (its cross-host messages kept) and takes over once the old one is gone."""
+    import asyncio
+    import threading
+
+    import aiormq
+
+    held = threading.Event()
+    release = threading.Event()
+
+    def old_leader() -> None:
+        async def run() -> None:
+            conn = await aiormq.connect(broker_url)
+            ch = await conn.channel()
+            await ch.queue_declare(f"{ns_prefix}.up", exclusive=True, auto_delete=True)
+            held.set()
+            while not release.is_set():
+                await asyncio.sleep(0.05)
+            await conn.close()
+
+        asyncio.run(run())
+
+    t = threading.Thread(target=old_leader)
+    t.start()
+    try:
+        assert held.wait(10)
+        (new,) = procs("up", 1)
+        (other,) = procs("other", 1)
+        other.call("wait_link", 15.0, timeout=20)
+        ch = new.call("new_channel")
+        co = other.call("new_channel")
+        assert wait_until(lambda: link(new)["link"] == "down", 10), link(new)
+        assert link(new)["reason"]
+        # (what other hosts send meanwhile goes to the old leader, which holds the queue)
+        new.call("send", co, {"type": "while-upgrading"})  # kept by the new leader
+    finally:
+        release.set()
+        t.join(10)
+    assert wait_until(lambda: link(new)["link"] == "up", 15), link(new)
+    assert other.call("receive", co, 10) == {"type": "while-upgrading"}
+    other.call("send", ch, {"type": "after"})
+    assert new.call("receive", ch, 10) == {"type": "after"}

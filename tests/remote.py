@@ -94,6 +94,42 @@ async def _main(conn: Any, config: dict[str, Any]) -> None:
             channel, n = args
             tasks[channel] = asyncio.create_task(collect(channel, n))
             return None
+        if cmd == "collect_timed":  # channel: receive for ever, noting arrival times
+            (channel,) = args
+            out = collected.setdefault(channel, [])
+
+            async def timed() -> None:
+                while True:
+                    m = await layer.receive(channel)
+                    out.append((m, time.time()))
+
+            tasks[channel] = asyncio.create_task(timed())
+            return None
+        if cmd == "paced":  # channel, group|None, sender id, rate/s, seconds (background)
+            channel, group, sid, rate, seconds = args
+
+            async def paced() -> dict[str, Any]:
+                accepted, full, groups = [], 0, []
+                t0, k = loop.time(), 0
+                while loop.time() - t0 < seconds:
+                    delay = t0 + k / rate - loop.time()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    try:
+                        await layer.send(channel, {"type": "m", "s": sid, "n": k, "t": time.time()})
+                        accepted.append(k)
+                    except ChannelFull:
+                        full += 1
+                    if group is not None and k % 10 == 0:
+                        await layer.group_send(group, {"type": "m", "s": -sid - 1, "n": k})
+                        groups.append(k)
+                    k += 1
+                return {"accepted": accepted, "full": full, "groups": groups}
+
+            tasks["paced"] = asyncio.create_task(paced())  # type: ignore[assignment]
+            return None
+        if cmd == "paced_result":
+            return await tasks["paced"]
         if cmd == "collected":
             (channel,) = args
             return list(collected.get(channel, []))

@@ -821,12 +821,7 @@ class Participant:
     def _outbound(self, rec: Any) -> None:
         """A message handed to us (as leader) for other hosts: publish it."""
         name = rec.name
-        key: str | None = None
-        if rec.kind == L.KIND_OUT_DIRECT:
-            addr = names.parse(name)
-            key = f"h:{addr.host_id}" if addr is not None else None
-        elif rec.kind == L.KIND_OUT_NORMAL:
-            key = f"n:{name}"
+        key = _out_key(rec.kind, name)
         link = self.link
         if link is None and self.ns.is_leader and self.cfg.broker:
             if self._keep_early(rec.kind, name, rec.message, rec.expires_at, key):
@@ -1004,11 +999,24 @@ class Participant:
         return NO_CHANNEL
 
     def reclaim_dead(self) -> None:
+        # a dead leader's unread hand-offs are published by us instead, ahead of what
+        # was handed to us since (they are older: FIFO per sender)
+        salvaged: list[tuple[int, str, bytes, float, str | None]] = []
+
+        def salvage(rec: Any) -> bool:
+            if not self.ns.is_leader:
+                return False
+            k = rec.kind
+            salvaged.append(
+                (k, rec.name, bytes(rec.message), rec.expires_at, _out_key(k, rec.name))
+            )
+            return True
+
         for i in self.ns.live_slots():
             if i == self.slot or self.ns.owner_alive(i):
                 continue
             pid = self.ns.reg_slot(i)[2]
-            n = self.ns.reclaim(i)
+            n = self.ns.reclaim(i, salvage if self.cfg.broker else None)
             if n >= 0:
                 self.counters.dropped_dead_reader += n
                 log.warning(
@@ -1018,6 +1026,24 @@ class Participant:
                     pid,
                     n,
                 )
+        if salvaged:
+            self._take_over_out(salvaged)
+
+    def _take_over_out(self, items: list[tuple[int, str, bytes, float, str | None]]) -> None:
+        """Put a dead leader's hand-offs at the head of what we publish."""
+        with self.lock:
+            link = self.link
+            if link is None:
+                self.early_out.extendleft(reversed(items))
+            else:
+                link.out.extendleft(reversed(items))
+                link.out_bytes += sum(len(it[2]) for it in items)
+        if link is not None:
+            link.kick()
+        log.warning(
+            "hybrid_layer: %d cross-host messages handed to the dead leader taken over",
+            len(items),
+        )
 
     # ================================================================ maintenance
     def check_flush(self) -> None:
@@ -1153,6 +1179,16 @@ class Participant:
         """In a forked child: forget the parent's attachment without touching it."""
         self.closed = True
         self.ns.abandon()
+
+
+def _out_key(kind: int, name: str) -> str | None:
+    """The capacity key of a hand-off: its destination host, or its normal channel."""
+    if kind == L.KIND_OUT_DIRECT:
+        addr = names.parse(name)
+        return f"h:{addr.host_id}" if addr is not None else None
+    if kind == L.KIND_OUT_NORMAL:
+        return f"n:{name}"
+    return None
 
 
 def _fail_closed(fut: asyncio.Future[None]) -> None:

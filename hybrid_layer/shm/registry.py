@@ -20,8 +20,8 @@ import platform
 import secrets
 import threading
 import time
-from collections.abc import Iterator
-from typing import NamedTuple
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
 from ..config import LayerConfig
 from ..errors import NamespaceFull, NamespaceMismatch
@@ -106,6 +106,7 @@ class Leader(NamedTuple):
 
 
 # ring records (messages) that their destination's capacity buckets do not count
+_OUT_KINDS = frozenset({L.KIND_OUT_DIRECT, L.KIND_OUT_GROUP, L.KIND_OUT_NORMAL})
 _NOT_IN_BUCKETS = frozenset({L.KIND_GROUP, L.KIND_OUT_DIRECT, L.KIND_OUT_GROUP, L.KIND_OUT_NORMAL})
 
 
@@ -433,8 +434,11 @@ class Namespace:
         assert self.lockfile is not None
         return self.lockfile.held_by_other(L.SLOT_LOCK_BASE + i)
 
-    def reclaim(self, i: int) -> int:
-        """Free slot ``i`` if its owner died. Returns records dropped, -1 if alive."""
+    def reclaim(self, i: int, salvage: Callable[[Any], bool] | None = None) -> int:
+        """Free slot ``i`` if its owner died. Returns records dropped, -1 if alive.
+
+        ``salvage`` (the leader's) is offered each record handed to the dead process
+        for the broker (``KIND_OUT_*``: it was a leader): True if it took it over."""
         lf = self.lockfile
         if lf is None or i == self.me:
             return -1
@@ -444,11 +448,11 @@ class Namespace:
             try:
                 if self._reg_state(i) != L.SLOT_LIVE:
                     return 0
-                return self._reclaim_locked(i)
+                return self._reclaim_locked(i, salvage)
             finally:
                 lf.release(L.SLOT_LOCK_BASE + i)
 
-    def _reclaim_locked(self, i: int) -> int:
+    def _reclaim_locked(self, i: int, salvage: Callable[[Any], bool] | None = None) -> int:
         """Caller holds INIT_LOCK and slot ``i``'s liveness lock. Returns the messages
         the dead owner had not read: what is left in its ring, and what it had already
         moved into its own memory (queued, parked) - those still count against their
@@ -466,6 +470,8 @@ class Namespace:
                         break
                     if rec is None:
                         break
+                    if rec.kind in _OUT_KINDS and salvage is not None and salvage(rec):
+                        continue
                     if rec.kind in _NOT_IN_BUCKETS:  # (direct, normal: counted below)
                         dropped += 1
                 dropped += sum(sv.pending(b) for b in range(len(sv.bk) // 2))

@@ -19,10 +19,16 @@ def _ours(prefix: str) -> list[str]:
     return sorted(n for n in os.listdir(SHM) if f".{prefix}." in n)
 
 
+SESSION_PREFIXES: set[str] = set()
+"""Every prefix this session's tests used (broker cleanup deletes only their queues,
+so two test sessions on one broker leave each other alone)."""
+
+
 @pytest.fixture
 def ns_prefix() -> Iterator[str]:
     """A unique CONFIG['prefix'] for this test; fails the test if names are left behind."""
     prefix = "t" + uuid.uuid4().hex[:12]
+    SESSION_PREFIXES.add(prefix)
     yield prefix
     left = _ours(prefix)
     if left:

@@ -62,17 +62,20 @@ def _delete_test_queues() -> Iterator[None]:
     yield
     if not broker_reachable():
         return
-    import re
-
     try:
         rows = rabbitmqctl("list_queues", "name")
     except (OSError, subprocess.SubprocessError):
         return
-    # (a claim queue is exclusive: it goes with its connection)
+    from tests.conftest import SESSION_PREFIXES
+
+    # (a claim queue is exclusive: it goes with its connection); only this session's
+    # prefixes: another test session on the same broker keeps its queues
     mine = [
         r[0]
         for r in rows
-        if r and re.match(r"t[0-9a-f]{12}\.", r[0]) and not r[0].endswith(".claim")
+        if r
+        and r[0].split(".", 1)[0] in SESSION_PREFIXES
+        and not r[0].endswith(".claim")
     ]
     if mine:
         delete_queues(BROKER, mine)

@@ -19,10 +19,14 @@ prints, per kind (direct, group):
 Scenarios: ``cold`` (both hosts fresh, two senders start at once, no warm-up, 5 000
 messages each), ``kill-recv-leader`` and ``kill-send-leader`` (SIGKILL under 1 000
 direct/s + 100 group/s), ``cut-1s`` and ``cut-5s`` (the sending host's link through our
-TCP proxy: connections reset and refused for that long). ``node-loss``,
-``cluster-restart`` and ``same-host-id`` need RabbitMQ nodes of our own or separate IPC
-namespaces and are covered by tests (tests/broker/test_transitions.py); this script says
-so instead of measuring them.
+TCP proxy: connections reset and refused for that long). On a 3-node cluster of our own
+(tests/rabbitnodes.py: other ports, data under a temp dir, stopped at the end), with
+2 000 groups per host: ``node-loss`` (SIGKILL of the node both leaders are connected
+to) and ``cluster-restart`` (every node stopped, then started), each with classic and
+with quorum host queues (``-quorum``). ``same-host-id``: a second host with the
+receiving host's host_id (its own /dev/shm, ``unshare``: needs root) starts mid-run;
+the rows are the first host's traffic, and ``clash_s`` is how long until the second
+one reports the clash.
 
     .venv/bin/python benchmarks/faults.py [--scenarios a,b] [--json] [--out PATH]
 
@@ -48,6 +52,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 from bench_report import machine_info  # noqa: E402
 
+from tests import rabbitnodes  # noqa: E402
 from tests.broker.proxy import Proxy  # noqa: E402
 from tests.remote import Remote, wait_until  # noqa: E402
 
@@ -55,27 +60,23 @@ BROKER = "amqp://guest:guest@127.0.0.1:5672/"
 RATE = 1000  # direct messages per second (and a group_send every 10th)
 SECONDS = 6.0
 FAULT_AT = 2.0
-NOT_HERE = {
-    "node-loss": "needs a RabbitMQ cluster of our own (tests/broker: not in this script)",
-    "cluster-restart": "needs a RabbitMQ cluster of our own (tests/broker: not in this script)",
-    "same-host-id": "a clash is refused, never shared: test_same_host_id_on_a_second_host_"
-    "is_refused_loudly (nothing to count: the second host sends and receives nothing)",
-}
+NOT_HERE: dict[str, str] = {}
 
 
 class Run:
     """The processes of one scenario, each with a unique prefix; closed at the end."""
 
-    def __init__(self) -> None:
+    def __init__(self, broker: str | list[str] = BROKER) -> None:
         self.prefix = "f" + uuid.uuid4().hex[:11]
         self.procs: list[Remote] = []
         self.hosts: set[str] = set()
+        self.broker = broker
 
     def proc(self, host_id: str, **over: Any) -> Remote:
         cfg = {
             "prefix": self.prefix,
             "host_id": host_id,
-            "host": BROKER,
+            "host": self.broker,
             "expiry": 30,
             "heartbeat": 2,
             "capacity": 100_000,
@@ -98,7 +99,8 @@ class Run:
     def close(self) -> None:
         for r in self.procs:
             r.close()
-        _delete_queues([f"{self.prefix}.{h}" for h in self.hosts])
+        if self.broker == BROKER:  # (a cluster of our own goes as a whole)
+            _delete_queues([f"{self.prefix}.{h}" for h in self.hosts])
 
 
 def _delete_queues(names: list[str]) -> None:
@@ -160,31 +162,44 @@ def tally(
 
 
 def steady(
-    fault: Callable[[Run, dict[str, list[Remote]]], None], *, send_via_proxy: bool = False
+    fault: Callable[[Run, dict[str, list[Remote]]], None],
+    *,
+    send_via_proxy: bool = False,
+    broker: str | list[str] = BROKER,
+    groups: int = 0,
+    seconds: float = SECONDS,
+    **config: Any,
 ) -> dict[str, Any]:
     """hb: a leader and the receiver; ha: a leader and the sender; steady traffic, the
-    fault at FAULT_AT s, then SECONDS of traffic in all and a drain."""
-    run = Run()
+    fault at FAULT_AT s, then ``seconds`` of traffic in all and a drain. ``groups``:
+    that many more groups on each host (bindings to restore)."""
+    run = Run(broker)
     proxy = Proxy() if send_via_proxy else None
     try:
-        hb = [run.proc("hb"), run.proc("hb")]
+        hb = [run.proc("hb", **config), run.proc("hb", **config)]
         hb[0].call("wait_link", 15.0, timeout=20)
         rcv = hb[1]
         over = {"host": proxy.url, "heartbeat": 1} if proxy else {}
-        ha = [run.proc("ha", **over), run.proc("ha", **over)]
+        ha = [run.proc("ha", **config, **over), run.proc("ha", **config, **over)]
         ha[0].call("wait_link", 15.0, timeout=20)
         snd = ha[1]
         ch = rcv.call("new_channel")
         rcv.call("group_add", "room", ch)
+        if groups:
+            sch = snd.call("new_channel")
+            for i in range(groups):
+                rcv.call("group_add", f"g{i}", ch)
+                snd.call("group_add", f"g{i}", sch)
+            wait_until(lambda: hb[0].call("stats").broker["bindings"] >= groups + 1, 30, 0.2)
         rcv.call("collect_timed", ch)
         time.sleep(0.3)
-        snd.call("paced", ch, "room", 1, RATE, SECONDS)
+        snd.call("paced", ch, "room", 1, RATE, seconds)
         time.sleep(FAULT_AT)
         fault_t = time.time()
         fault(run, {"ha": ha, "hb": hb, "proxy": [proxy] if proxy else []})  # type: ignore[dict-item]
-        res = snd.call("paced_result", timeout=SECONDS + 60)
+        res = snd.call("paced_result", timeout=seconds + 60)
         expected = len(res["accepted"]) + len(res["groups"])
-        wait_until(lambda: len(rcv.call("collected", ch)) >= expected, 20, 0.2)
+        wait_until(lambda: len(rcv.call("collected", ch)) >= expected, 30, 0.2)
         time.sleep(1.0)
         got = [tuple(x) for x in rcv.call("collected", ch)]
         counted = run.drops()
@@ -249,12 +264,100 @@ def cold() -> dict[str, Any]:
         run.close()
 
 
+def on_cluster(what: str, queue_type: str) -> Callable[[], dict[str, Any]]:
+    """A 3-node cluster of our own; the leaders connect to its first node (the first
+    URL); ``node-loss`` SIGKILLs that node, ``cluster-restart`` stops and starts all."""
+
+    def scenario() -> dict[str, Any]:
+        nodes = rabbitnodes.Nodes()
+        try:
+            members = nodes.cluster(3)
+
+            def fault(run: Run, hosts: dict[str, list[Remote]]) -> None:
+                if what == "node-loss":
+                    members[0].kill()
+                    return
+                for n in members:
+                    n.stop()
+                for n in members:
+                    n.start(wait=False)
+                for n in members:
+                    n.wait()
+
+            return steady(
+                fault,
+                broker=[n.url for n in members],
+                groups=2000,
+                seconds=6.0 if what == "node-loss" else 20.0,
+                queue_type=queue_type,
+                expiry=60,
+            )
+        finally:
+            nodes.stop_all()
+
+    return scenario
+
+
+def same_host_id() -> dict[str, Any]:
+    """A second host with hb's host_id (its own /dev/shm: ``unshare --mount --ipc``, as
+    a container would have) starts during the traffic to hb and tries for 10 s."""
+    import shutil
+    import subprocess
+    import textwrap
+
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        return {"skipped": "needs root and unshare(1) for a private /dev/shm"}
+    out: dict[str, Any] = {}
+
+    def fault(run: Run, hosts: dict[str, list[Remote]]) -> None:
+        cfg = {"prefix": run.prefix, "host_id": "hb", "host": BROKER, "heartbeat": 2}
+        script = textwrap.dedent(
+            f"""
+            import asyncio, json, time
+            from hybrid_layer import HybridChannelLayer
+            async def main():
+                lay = HybridChannelLayer(**{cfg!r})
+                await lay.new_channel()
+                t0 = time.monotonic()
+                clash = None
+                while time.monotonic() - t0 < 10:
+                    b = lay.statistics().broker
+                    if clash is None and "claimed" in b.get("reason", ""):
+                        clash = time.monotonic() - t0
+                    await asyncio.sleep(0.1)
+                print(json.dumps({{"clash_s": clash, "link": b["link"]}}), flush=True)
+                await lay.close()
+            asyncio.run(main())
+            """
+        )
+        inner = f'mount -t tmpfs -o mode=1777 tmpfs /dev/shm && exec {sys.executable} -c "$0"'
+        p = subprocess.run(
+            ["unshare", "--mount", "--ipc", "sh", "-c", inner, script],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+        )
+        last = p.stdout.strip().splitlines()[-1] if p.stdout.strip() else "{}"
+        out.update(json.loads(last))
+
+    res = steady(fault, seconds=14.0)
+    res["direct"]["clash_s"] = round(out["clash_s"], 2) if out.get("clash_s") else None
+    res["direct"]["second_link"] = out.get("link")
+    return res
+
+
 SCENARIOS: dict[str, Callable[[], dict[str, Any]]] = {
     "cold": cold,
     "kill-recv-leader": lambda: steady(kill_leader("hb")),
     "kill-send-leader": lambda: steady(kill_leader("ha")),
     "cut-1s": lambda: steady(cut(1.0), send_via_proxy=True),
     "cut-5s": lambda: steady(cut(5.0), send_via_proxy=True),
+    "node-loss": on_cluster("node-loss", "classic"),
+    "node-loss-quorum": on_cluster("node-loss", "quorum"),
+    "cluster-restart": on_cluster("cluster-restart", "classic"),
+    "cluster-restart-quorum": on_cluster("cluster-restart", "quorum"),
+    "same-host-id": same_host_id,
 }
 
 
@@ -276,7 +379,11 @@ def table(results: dict[str, Any]) -> str:
             lines.append(f"| {name} | — | not measured here: {res['skipped']} |")
             continue
         for kind, row in res.items():
-            lines.append(f"| {name} | {kind} | " + " | ".join(str(row[c]) for c in cols) + " |")
+            extra = "".join(
+                f" ({k} {v})" for k, v in row.items() if k not in cols and v is not None
+            )
+            cells = " | ".join(str(row[c]) for c in cols)
+            lines.append(f"| {name}{extra} | {kind} | {cells} |")
     return "\n".join(lines)
 
 

@@ -30,6 +30,11 @@ async def _main(conn: Any, config: dict[str, Any]) -> None:
     from hybrid_layer import HybridChannelLayer
     from hybrid_layer.errors import ChannelFull
 
+    cafile = config.pop("test_ssl_cafile", None)  # (an SSLContext does not pickle)
+    if cafile is not None:
+        import ssl
+
+        config["ssl_context"] = ssl.create_default_context(cafile=cafile)
     layer = HybridChannelLayer(**config)
     loop = asyncio.get_running_loop()
     collected: dict[str, list[Any]] = {}
@@ -130,6 +135,8 @@ async def _main(conn: Any, config: dict[str, Any]) -> None:
             return None
         if cmd == "paced_result":
             return await tasks["paced"]
+        if cmd == "collected_channels":
+            return list(collected)
         if cmd == "collected":
             (channel,) = args
             return list(collected.get(channel, []))

@@ -106,7 +106,7 @@ class Pub:
     """One AMQP message published (or about to be): kept until the broker confirms it,
     so that it can be published again after a lost connection or a return."""
 
-    __slots__ = ("body", "dest", "gen", "key", "kind", "n", "name", "seq", "until")
+    __slots__ = ("body", "dest", "gen", "key", "kind", "n", "name", "order", "seq", "until")
 
     def __init__(
         self,
@@ -122,6 +122,7 @@ class Pub:
         self.body, self.n, self.until = body, n, until  # until: the latest frame's expiry
         self.seq = 0
         self.gen = 0  # the connection it was published on
+        self.order = 0  # the seq it was first published with (its place in its stream)
 
 
 def group_key(prefix: str, group_hash: int) -> str:
@@ -156,8 +157,12 @@ class Link:
         self.nonce = random.getrandbits(63) | 1
         self.seq = 0
         self.conn_gen = 0
-        # routing key -> messages returned for want of a queue (a host not up yet)
+        # routing key -> messages returned for want of a queue (a host not up yet) and
+        # everything for that queue published after them, in order. One at a time is
+        # tried (the probe) until the broker routes it; then the rest go, in order.
         self.retry: dict[str, deque[Pub]] = {}
+        self.probing: dict[str, Pub] = {}  # routing key -> the probe awaiting its fate
+        self.retry_timer: dict[str, asyncio.TimerHandle] = {}
         self.retry_delay: dict[str, float] = {}
         self.retry_count = 0
         self.dedup = DedupTable(p.ns.reg_q, L.DQ_BASE, L.DEDUP_ENTRIES)
@@ -175,6 +180,7 @@ class Link:
         self.state = L.LINK_NONE
         self.ever_up = False
         self.url_index = 0
+        self.connect_failures = 0  # failed attempts to connect, since the start
         self.url = ""
         self.conn: Any = None
         self.ch: Any = None  # publishing, host queue, bindings
@@ -185,6 +191,7 @@ class Link:
         self.declared: dict[int, float] = {}  # normal hash -> when we declared it
         self.paused: dict[int, float] = {}  # normal hash -> consume again after
         self.full: dict[str, float] = {}  # destination key -> flagged at (monotonic)
+        self._nack_checked: dict[str, float] = {}  # routing key -> last looked at
         self.syncs = 0
         self.busy = False
         self._ack_tag = 0
@@ -291,6 +298,7 @@ class Link:
                     raise
                 await self._drop_connection()
                 failures += 1
+                self.connect_failures += 1
                 self.url_index += 1
                 reason, text = _explain(exc, cfg)
                 self._not_up(reason, text)
@@ -441,6 +449,10 @@ class Link:
         self.out.clear()
         self.out_bytes = 0
         self.retry.clear()
+        self.probing.clear()
+        for timer in self.retry_timer.values():
+            timer.cancel()
+        self.retry_timer.clear()
         self.retry_count = 0
         n += sum(pub.n for pub in self.unconfirmed.values())
         self.unconfirmed.clear()
@@ -542,6 +554,8 @@ class Link:
                 )
             elif pub.until <= now:
                 c.dropped_expired += pub.n
+            elif pub.dest[1] in self.retry and self.probing.get(pub.dest[1]) is not pub:
+                self._keep_for_retry(pub)  # behind (or among) what waits for its queue
             else:
                 c.broker_republished += pub.n
                 frame = self._emit(pub)
@@ -687,6 +701,8 @@ class Link:
         if not pub.seq:
             self.seq += 1
             pub.seq = self.seq
+            if not pub.order:
+                pub.order = pub.seq
         pub.gen = self.conn_gen
         exchange, rk, mandatory = pub.dest
         remaining = pub.until - time.monotonic()
@@ -737,94 +753,190 @@ class Link:
         if len(self.unconfirmed) < MAX_IN_FLIGHT // 2:
             self._room.set()
         c = self.p.counters
-        n, name, key = pub.n, pub.name, pub.key
+        n, key = pub.n, pub.key
+        rk = pub.dest[1]
+        probe = self.probing.get(rk) is pub
+        if probe:
+            del self.probing[rk]
         if exc is None:
             c.broker_confirmed += n
-            if self.retry_delay:
-                self.retry_delay.pop(pub.dest[1], None)
+            if probe:  # its queue is there: what waited behind it follows, in order
+                self.retry_delay.pop(rk, None)
+                self._release(rk)
         elif isinstance(exc, aiormq.exceptions.PublishError):  # basic.return: no queue
             c.broker_returned += n
             self._returned(pub)
         else:  # basic.nack: the queue rejected it (full, or a node failing)
+            if probe:
+                self._schedule_probe(rk)
             c.dropped_remote_full += n
-            limited.warning(
-                "remote-full",
-                "hybrid_layer: %d message(s) to %r dropped: RabbitMQ rejected them (nack): "
-                "its queue is full (x-max-length = remote_capacity), a policy limits it "
-                "(max-length, max-length-bytes) or the queue's node is failing",
-                n,
-                name,
-            )
+            self._diagnose_nack(pub)
             if key is not None:
                 self._flag_full(key)
 
     def _returned(self, pub: Pub) -> None:
         """A message the broker could not route: its host's queue does not exist (yet:
-        a host coming up for the first time). Kept, in order with what follows for the
-        same queue, and published again until it expires."""
-        c = self.p.counters
+        a host coming up for the first time; again: a classic queue whose node died).
+        Kept, in order with what follows for the same queue, and tried again (one
+        message at a time, backing off) until that queue is there or it expires."""
         rk = pub.dest[1]
         if pub.kind == L.KIND_OUT_NORMAL:
             self.declared.pop(name_hash("n", pub.name), None)
         if pub.until <= time.monotonic() or self.retry_count >= self.limit:
-            c.dropped_no_channel += pub.n
-            limited.warning(
-                "remote-none",
-                "hybrid_layer: %d message(s) to %r dropped: no queue %r on the broker "
-                "(that host has not been up within the message's expiry)",
-                pub.n,
-                pub.name,
-                rk,
-            )
+            self._drop_unroutable(pub)
+            if self.retry.get(rk) and rk not in self.probing:
+                self._schedule_probe(rk)
             return
+        pub.seq = 0  # a new id: newer messages may have reached that queue meanwhile
+        self._keep_for_retry(pub)
+
+    def _keep_for_retry(self, pub: Pub) -> None:
+        """Into the retry queue of its routing key, at its place in its stream (a
+        return can come after newer messages were queued behind an earlier one)."""
+        rk = pub.dest[1]
         q = self.retry.get(rk)
         if q is None:
             q = self.retry[rk] = deque()
+        i = len(q)
+        if pub.order:
+            while i > 0 and (q[i - 1].order == 0 or q[i - 1].order > pub.order):
+                i -= 1
+        q.insert(i, pub)
+        self.retry_count += pub.n
+        if rk not in self.probing:
+            self._schedule_probe(rk)
+
+    def _drop_unroutable(self, pub: Pub) -> None:
+        self.p.counters.dropped_no_channel += pub.n
+        limited.warning(
+            "remote-none",
+            "hybrid_layer: %d message(s) to %r dropped: no queue %r on the broker "
+            "(that host has not been up within the message's expiry)",
+            pub.n,
+            pub.name,
+            pub.dest[1],
+        )
+
+    def _schedule_probe(self, rk: str, delay: float | None = None) -> None:
+        if rk in self.retry_timer:
+            return
+        if delay is None:
             delay = self.retry_delay[rk] = min(
                 RETRY_MAX, 2 * self.retry_delay.get(rk, RETRY_MIN / 2)
             )
-            self.loop.call_later(delay, self._retry, rk)
-        pub.seq = 0  # a new id: newer messages may have reached that queue meanwhile
-        q.append(pub)
-        self.retry_count += pub.n
+        self.retry_timer[rk] = self.loop.call_later(delay, self._probe, rk)
 
-    def _retry(self, rk: str) -> None:
-        q = self.retry.pop(rk, None)
+    def _can_emit(self) -> bool:
+        return self.state == L.LINK_UP and self.ch is not None and not self.ch.is_closed
+
+    def _probe(self, rk: str) -> None:
+        """Try the oldest message waiting for queue ``rk``: confirmed, the rest follow
+        (``_release``); returned again, the next try backs off."""
+        self.retry_timer.pop(rk, None)
+        q = self.retry.get(rk)
+        now = time.monotonic()
+        while q and q[0].until <= now:
+            pub = q.popleft()
+            self.retry_count -= pub.n
+            self._drop_unroutable(pub)
         if not q:
+            self.retry.pop(rk, None)
             return
+        if rk in self.probing:
+            return
+        if not self._can_emit() or (self._fast_publish and self.ch.write_queue.full()):
+            self._schedule_probe(rk, RETRY_MIN)  # (the link is back in a moment)
+            return
+        pub = q.popleft()
+        self.retry_count -= pub.n
+        self.probing[rk] = pub
+        self.p.counters.broker_retried += pub.n
+        frame = self._emit(pub)
+        if frame is not None:
+            self.ch.write_queue.put_nowait(frame)
+
+    def _release(self, rk: str) -> None:
+        """Queue ``rk`` exists: publish what waited for it, in order; newer messages
+        keep queueing behind until it is all out."""
+        self.retry_timer.pop(rk, None)
+        q = self.retry.get(rk)
         c = self.p.counters
         now = time.monotonic()
         while q:
-            if self.ch is not None and self._fast_publish and self.ch.write_queue.full():
-                self.retry[rk] = q  # the rest in a moment, still ahead of newer ones
-                self.loop.call_later(RETRY_MIN, self._retry, rk)
+            if not self._can_emit() or (self._fast_publish and self.ch.write_queue.full()):
+                self.retry_timer[rk] = self.loop.call_later(RETRY_MIN, self._release, rk)
                 return
             pub = q.popleft()
             self.retry_count -= pub.n
             if pub.until <= now:
-                c.dropped_no_channel += pub.n
-                limited.warning(
-                    "remote-none",
-                    "hybrid_layer: %d message(s) to %r dropped: no queue %r on the broker "
-                    "(that host has not been up within the message's expiry)",
-                    pub.n,
-                    pub.name,
-                    rk,
-                )
-                continue
-            if self.state != L.LINK_UP or self.ch is None or self.ch.is_closed:
-                pub.gen = 0  # published when the link is up again (see _republish)
-                pub.seq = pub.seq or self._next_seq()
-                self.unconfirmed[pub.seq] = pub
+                self._drop_unroutable(pub)
                 continue
             c.broker_retried += pub.n
             frame = self._emit(pub)
             if frame is not None:
                 self.ch.write_queue.put_nowait(frame)
+        self.retry.pop(rk, None)
 
     def _next_seq(self) -> int:
         self.seq += 1
         return self.seq
+
+    def _diagnose_nack(self, pub: Pub) -> None:
+        """Say why RabbitMQ rejected messages: look at the queue (a passive declare, at
+        most once a second per queue) - full, or not full and so failing (its node
+        down or failing over) or limited by a broker policy."""
+        rk = pub.dest[1]
+        now = time.monotonic()
+        if self._nack_checked.get(rk, 0.0) > now - 1.0 or pub.dest[0]:
+            if pub.dest[0]:  # (a group's exchange: no one queue to look at)
+                limited.warning(
+                    "remote-full",
+                    "hybrid_layer: %d message(s) to group %r dropped: RabbitMQ rejected "
+                    "them (nack): a member host's queue is full or failing",
+                    pub.n,
+                    pub.name,
+                )
+            return
+        self._nack_checked[rk] = now
+        if len(self._nack_checked) > 1024:
+            self._nack_checked.clear()
+        conn = self.conn
+        cap = self.cfg.remote_capacity
+
+        async def look() -> None:
+            why = "its queue could not be looked at"
+            try:
+                ch = await conn.channel(publisher_confirms=False)
+                try:
+                    ok = await asyncio.wait_for(ch.queue_declare(rk, passive=True), 5.0)
+                    count = ok.message_count
+                    if count >= cap * 0.9:
+                        why = f"its queue is full ({count} of remote_capacity {cap})"
+                    else:
+                        why = (
+                            f"its queue is NOT full ({count} of {cap}): its node is down "
+                            "or failing over, or a broker policy (max-length, "
+                            "max-length-bytes) limits it (rabbitmqctl list_policies)"
+                        )
+                finally:
+                    if not ch.is_closed:
+                        with contextlib.suppress(Exception):
+                            await ch.close()
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                why = "its queue is gone (its node down?)"
+            except Exception as exc:
+                why = f"its queue could not be looked at ({type(exc).__name__}: {exc})"
+            limited.warning(
+                "remote-full",
+                "hybrid_layer: %d message(s) to %r dropped: RabbitMQ rejected them (nack): %s",
+                pub.n,
+                pub.name,
+                why,
+            )
+
+        if conn is not None:
+            task = asyncio.ensure_future(look())
+            task.add_done_callback(_ignore_result)
 
     def _flag_full(self, key: str) -> None:
         if key not in self.full:
@@ -1224,6 +1336,7 @@ class Link:
             "syncs": self.syncs,
             "last_sync": self.last_sync_wall,
             "reason": self.reason,
+            "connect_failures": self.connect_failures,
         }
 
 
@@ -1311,10 +1424,10 @@ def _run_inline(ch: Any, tag: str, callback: Any) -> None:
 def _explain(exc: BaseException, cfg: Any) -> tuple[int, str]:
     """(L.REASON_*, a sentence) for why connecting or serving failed: what an operator
     needs to act on, not the AMQP client's internals."""
-    import ssl
 
-    if isinstance(exc, ssl.SSLError):
-        why = getattr(exc, "verify_message", None) or getattr(exc, "reason", None) or exc
+    tls = _tls_error(exc)
+    if tls is not None:
+        why = tls
         return L.REASON_TLS, (
             f"TLS handshake failed ({why}): check CONFIG['ssl_context'] (its CA file, "
             "client certificate) and that the URL's host name matches the certificate"
@@ -1343,6 +1456,29 @@ def _explain(exc: BaseException, cfg: Any) -> tuple[int, str]:
     if isinstance(exc, OSError):  # (aiormq's connection errors are OSErrors too)
         return L.REASON_UNREACHABLE, f"{exc.strerror or text or type(exc).__name__}"
     return L.REASON_LOST, f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _tls_error(exc: BaseException) -> str | None:
+    """The certificate or handshake error in ``exc`` or what caused it (aiormq wraps
+    an ``ssl.SSLError`` in an AMQPConnectionError carrying only its text), else None."""
+    import ssl
+
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, ssl.SSLError):
+            verify = getattr(e, "verify_message", None)
+            reason = getattr(e, "reason", None)
+            if verify:
+                return f"certificate verify failed: {verify}"
+            return str(reason or e)
+        for arg in e.args:
+            text = str(arg)
+            if "[SSL" in text or "CERTIFICATE_VERIFY_FAILED" in text:
+                return text.split("] ", 1)[-1].split(" (_ssl.c", 1)[0]
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _ignore_result(fut: asyncio.Future[Any]) -> None:

@@ -73,9 +73,7 @@ def _delete_test_queues() -> Iterator[None]:
     mine = [
         r[0]
         for r in rows
-        if r
-        and r[0].split(".", 1)[0] in SESSION_PREFIXES
-        and not r[0].endswith(".claim")
+        if r and r[0].split(".", 1)[0] in SESSION_PREFIXES and not r[0].endswith(".claim")
     ]
     if mine:
         delete_queues(BROKER, mine)

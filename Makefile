@@ -1,20 +1,45 @@
 # Quick start:  make demo   (single-host demo, nothing else to install or start)
-#               make test   (the whole test suite; broker tests need RabbitMQ, see README)
+#               make test   (the whole test suite; needs RabbitMQ at 127.0.0.1:5672, see
+#                            README; .ci/run installs and starts what it needs)
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+BASE := $(VENV)/.base
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench lint clean
+.PHONY: demo chat test bench lint dist clean
 
-$(STAMP): pyproject.toml
+# the package alone (what `make demo` needs: its runtime dependencies, nothing else)
+$(BASE): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e .
+	touch $(BASE)
+
+# plus the test and dev tools
+$(STAMP): $(BASE)
 	$(BIN)/python -m pip install -q -e '.[test,dev]'
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: $(BASE)
 	$(BIN)/python -m hybrid_layer.demo
+
+# the Channels tutorial's chat on several uvicorn workers (examples/chat); prints the URL
+chat: $(BASE)
+	$(BIN)/python -m pip install -q django 'uvicorn[standard]' prometheus_client
+	$(BIN)/python examples/chat/run.py $(CHAT_ARGS)
+
+# build the sdist and the wheel, install the wheel into a fresh venv and import it
+DIST_VENV ?= build/dist-venv
+dist: $(STAMP)
+	rm -rf dist $(DIST_VENV)
+	$(BIN)/python -m pip install -q build
+	$(BIN)/python -m build -q --outdir dist . >/dev/null
+	$(PY) -m venv $(DIST_VENV)
+	$(DIST_VENV)/bin/python -m pip install -q dist/*.whl
+	cd / && $(CURDIR)/$(DIST_VENV)/bin/python -c 'import hybrid_layer, importlib.resources as r; \
+	  assert r.files("hybrid_layer").joinpath("py.typed").is_file(); \
+	  print("dist ok:", hybrid_layer.__name__, [p.name for p in __import__("pathlib").Path("$(CURDIR)/dist").iterdir()])'
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -100,7 +100,9 @@ class Run:
         for r in self.procs:
             r.close()
         if self.broker == BROKER:  # (a cluster of our own goes as a whole)
-            _delete_queues([f"{self.prefix}.{h}" for h in self.hosts])
+            _delete_queues(
+                [f"{self.prefix}.{h}{tail}" for h in self.hosts for tail in ("", ".dead")]
+            )
 
 
 def _delete_queues(names: list[str]) -> None:

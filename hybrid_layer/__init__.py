@@ -15,7 +15,7 @@ from .errors import (
 from .layer import HybridChannelLayer
 from .stats import ChannelStatistics, Statistics
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 __all__ = [
     "ChannelFull",

@@ -54,4 +54,16 @@ def close_layers_on_shutdown(app: ASGIApp) -> ASGIApp:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
+    wrapped.closes_hybrid_layers = True  # type: ignore[attr-defined]  # (the system check)
     return wrapped
+
+
+def closes_layers(app: Any) -> bool:
+    """Whether ``app`` is (or wraps, as far as can be seen) ``close_layers_on_shutdown``."""
+    seen = 0
+    while app is not None and seen < 8:
+        if getattr(app, "closes_hybrid_layers", False):
+            return True
+        app = getattr(app, "app", None) or getattr(app, "application", None)
+        seen += 1
+    return False

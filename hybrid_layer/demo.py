@@ -583,6 +583,16 @@ class Demo:
             f"group_sends {g['group_sends']}, group_copies {g['group_copies']}"
         )
         self.say(f"        raised {g['raised']}, dropped {g['dropped']}")
+        self.say(
+            "        (received = sent + group_copies - what is still waiting: every "
+            "group_send is delivered as one copy per member channel, counted as received)"
+        )
+        waiting = g["sent"] + g["group_copies"] - g["received"] - sum(g["dropped"].values())
+        self.check(
+            waiting >= 0,
+            f"received {g['received']} = sent {g['sent']} + group copies "
+            f"{g['group_copies']} - {waiting} not yet received",
+        )
         self.check(
             g["participants"] == len(self.procs),
             f"{g['participants']} participants on the host (expected {len(self.procs)})",

@@ -86,15 +86,31 @@ def claim_queue(prefix: str, host_id: str) -> str:
     return f"{prefix}.{host_id}.claim"
 
 
+def dead_exchange(prefix: str) -> str:
+    return f"{prefix}.dead"
+
+
+def dead_queue(prefix: str, host_id: str) -> str:
+    """Where the broker puts what it drops from the host's queue (expired, or a
+    policy's limits): the leader counts it and says why, instead of silence."""
+    return f"{prefix}.{host_id}.dead"
+
+
+DEAD_MAX = 10_000  # messages the dead-letter queue keeps while no leader reads it
+
+
 def host_queue_args(cfg: Any) -> tuple[bool, dict[str, Any]]:
     """(durable, arguments) of a host's queue: it outlives its connection and leader
-    (not exclusive) until unused for ``host_queue_expires``; one consumer at a time."""
+    (not exclusive) until unused for ``host_queue_expires``; one consumer at a time;
+    what the broker drops from it is dead-lettered to this host's dead queue."""
     args: dict[str, Any] = {
         "x-max-length": cfg.remote_capacity,
         "x-overflow": "reject-publish",
         "x-message-ttl": int(cfg.expiry * 1000),
         "x-expires": int(cfg.host_queue_expires * 1000),
         "x-single-active-consumer": True,
+        "x-dead-letter-exchange": dead_exchange(cfg.prefix),
+        "x-dead-letter-routing-key": host_queue(cfg.prefix, cfg.host_id),
     }
     if cfg.queue_type == "quorum":
         args["x-queue-type"] = "quorum"
@@ -106,7 +122,19 @@ class Pub:
     """One AMQP message published (or about to be): kept until the broker confirms it,
     so that it can be published again after a lost connection or a return."""
 
-    __slots__ = ("body", "dest", "gen", "key", "kind", "n", "name", "order", "seq", "until")
+    __slots__ = (
+        "body",
+        "dest",
+        "gen",
+        "key",
+        "kind",
+        "n",
+        "nacked",
+        "name",
+        "order",
+        "seq",
+        "until",
+    )
 
     def __init__(
         self,
@@ -123,6 +151,7 @@ class Pub:
         self.seq = 0
         self.gen = 0  # the connection it was published on
         self.order = 0  # the seq it was first published with (its place in its stream)
+        self.nacked = False  # rejected by its queue (full or failing) at least once
 
 
 def group_key(prefix: str, group_hash: int) -> str:
@@ -191,7 +220,11 @@ class Link:
         self.declared: dict[int, float] = {}  # normal hash -> when we declared it
         self.paused: dict[int, float] = {}  # normal hash -> consume again after
         self.full: dict[str, float] = {}  # destination key -> flagged at (monotonic)
+        # destination key -> routing key of a queue found full: flagged while messages
+        # rejected by it wait to be tried again
+        self.full_waiting: dict[str, str] = {}
         self._nack_checked: dict[str, float] = {}  # routing key -> last looked at
+        self.dead_lettered: dict[str, int] = {}  # the broker's drops, by reason
         self.syncs = 0
         self.busy = False
         self._ack_tag = 0
@@ -400,6 +433,16 @@ class Link:
         ch = self.ch = await conn.channel(publisher_confirms=True)
         self._fast_publish = _can_publish_directly(ch)
         await ch.exchange_declare(cfg.groups_exchange, exchange_type="direct")
+        dx, dq = dead_exchange(cfg.prefix), dead_queue(cfg.prefix, cfg.host_id)
+        await ch.exchange_declare(dx, exchange_type="direct")
+        await ch.queue_declare(
+            dq,
+            arguments={
+                "x-expires": int(cfg.host_queue_expires * 1000),
+                "x-max-length": DEAD_MAX,
+            },
+        )
+        await ch.queue_bind(dq, dx, routing_key=self.queue)
         durable, args = host_queue_args(cfg)
         try:
             await ch.queue_declare(self.queue, durable=durable, arguments=args)
@@ -429,6 +472,8 @@ class Link:
         _run_inline(ch, ok.consumer_tag, self._on_host_message)
         nch = self.nch = await conn.channel(publisher_confirms=False)
         await nch.basic_qos(prefetch_count=PREFETCH)
+        ok = await nch.basic_consume(dq, self._on_dead, no_ack=True)
+        _run_inline(nch, ok.consumer_tag, self._on_dead)
         self.bound = set()
         self.consuming = {}
         self.declared = {}
@@ -766,7 +811,16 @@ class Link:
         elif isinstance(exc, aiormq.exceptions.PublishError):  # basic.return: no queue
             c.broker_returned += n
             self._returned(pub)
-        else:  # basic.nack: the queue rejected it (full, or a node failing)
+        elif not pub.dest[0] and pub.until > time.monotonic() and self.retry_count < self.limit:
+            # basic.nack from one queue (a host's or a normal channel's): full, or its
+            # node failing over. Kept and tried again (one at a time, in order) until it
+            # fits or expires; a queue found full makes senders get ChannelFull meanwhile
+            c.broker_nacked += n
+            pub.nacked = True
+            self._diagnose_nack(pub)
+            pub.seq = 0  # (not taken: a new id, like a return)
+            self._keep_for_retry(pub)
+        else:  # a group's (several queues: some may have taken it), or out of time
             if probe:
                 self._schedule_probe(rk)
             c.dropped_remote_full += n
@@ -807,6 +861,17 @@ class Link:
             self._schedule_probe(rk)
 
     def _drop_unroutable(self, pub: Pub) -> None:
+        if pub.nacked:
+            self.p.counters.dropped_remote_full += pub.n
+            limited.warning(
+                "remote-full-expired",
+                "hybrid_layer: %d message(s) to %r dropped: its queue %r kept rejecting "
+                "them (full or failing) until they expired",
+                pub.n,
+                pub.name,
+                pub.dest[1],
+            )
+            return
         self.p.counters.dropped_no_channel += pub.n
         limited.warning(
             "remote-none",
@@ -901,7 +966,10 @@ class Link:
         if len(self._nack_checked) > 1024:
             self._nack_checked.clear()
         conn = self.conn
-        cap = self.cfg.remote_capacity
+        normal = pub.kind == L.KIND_OUT_NORMAL
+        cap = self.cfg.capacity_for(pub.name) if normal else self.cfg.remote_capacity
+        what = "capacity" if normal else "remote_capacity"
+        key = pub.key
 
         async def look() -> None:
             why = "its queue could not be looked at"
@@ -911,7 +979,10 @@ class Link:
                     ok = await asyncio.wait_for(ch.queue_declare(rk, passive=True), 5.0)
                     count = ok.message_count
                     if count >= cap * 0.9:
-                        why = f"its queue is full ({count} of remote_capacity {cap})"
+                        why = f"its queue is full ({count} of {what} {cap})"
+                        if key is not None:  # senders get ChannelFull while it is
+                            self.full_waiting[key] = rk
+                            self._flag_full(key)
                     else:
                         why = (
                             f"its queue is NOT full ({count} of {cap}): its node is down "
@@ -948,8 +1019,13 @@ class Link:
         if not self.full:
             return
         now = time.monotonic()
+        waiting = self.full_waiting
         for key, since in list(self.full.items()):
             if now - since >= FULL_HOLD:
+                if waiting.get(key) in self.retry:  # still full: its messages wait
+                    self.full[key] = now
+                    continue
+                waiting.pop(key, None)
                 del self.full[key]
                 with self.p.lock:
                     self.p.own.groups.discard(name_hash("f", key))
@@ -1242,6 +1318,53 @@ class Link:
             else:
                 self._malformed("a normal-channel frame on the host queue")
 
+    def _on_dead(self, msg: DeliveredMessage) -> None:
+        """What the broker dropped from the host's queue (dead-lettered): counted, and
+        the reason logged. ``expired`` before the frame's own deadline means a policy's
+        ``message-ttl`` is lower than ``expiry``; ``maxlen`` a policy's ``max-length``
+        or ``max-length-bytes`` with overflow ``drop-head``."""
+        headers = msg.header.properties.headers or {}
+        reason = headers.get("x-first-death-reason") or "unknown"
+        if isinstance(reason, bytes):
+            reason = reason.decode("utf-8", "replace")
+        try:
+            parts = wire.split(msg.body)
+        except wire.WireError:
+            parts = None
+        frames = parts if parts is not None else (msg.body,)
+        c = self.p.counters
+        now = time.time()
+        early = 0
+        for data in frames:
+            try:
+                frame = wire.decode(data, self.crypter)
+            except wire.WireError:
+                frame = None
+            if reason == "expired":
+                c.dropped_expired += 1
+                if frame is not None and frame.expires_wall > now + 1.0:
+                    early += 1
+            else:
+                c.dropped_remote_full += 1
+        n = len(frames)
+        key = "expired_early" if early else str(reason)
+        self.dead_lettered[key] = self.dead_lettered.get(key, 0) + n
+        if early:
+            why = (
+                "expired on the broker BEFORE their expiry: a policy's message-ttl on "
+                f"queue {self.queue} is lower than CONFIG['expiry'] ({self.cfg.expiry:g}s): "
+                "rabbitmqctl list_policies"
+            )
+        elif reason == "expired":
+            why = "expired waiting on the broker (no leader read this host's queue in time)"
+        else:
+            why = (
+                f"dropped by the broker ({reason}): a policy's max-length, "
+                "max-length-bytes (overflow drop-head) or delivery-limit on queue "
+                f"{self.queue}: rabbitmqctl list_policies"
+            )
+        limited.warning(f"dead-{key}", "hybrid_layer: %d message(s) to this host %s", n, why)
+
     async def _on_normal_message(self, msg: DeliveredMessage) -> None:
         """One message from a normal channel's shared queue.
 
@@ -1337,6 +1460,7 @@ class Link:
             "last_sync": self.last_sync_wall,
             "reason": self.reason,
             "connect_failures": self.connect_failures,
+            "dead_lettered": dict(self.dead_lettered),
         }
 
 

@@ -85,6 +85,7 @@ STATS_FIELDS = (
     "broker_retried",  # returned (no queue yet) and published again
     "broker_republished",  # unconfirmed when a connection died, published again
     "broker_claim_refused",  # attempts to claim the host_id that another connection holds
+    "broker_nacked",  # rejected by their queue (full or failing), kept and tried again
 )
 REG_STATS = struct.Struct("@" + "Q" * len(STATS_FIELDS))
 # the leader's link words, in its own registry slot record (u64 each, typed-view access):

@@ -324,3 +324,35 @@ def test_ssl_context_with_only_amqp_urls_is_warned(cluster: list[rabbitnodes.Nod
     p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     assert "NOT encrypted" in p.stderr, p.stderr
+
+
+def test_a_policy_ttl_lower_than_expiry_is_counted_and_named(
+    cluster: list[rabbitnodes.Node], procs: Any, hosts: HostsFactory, ns_prefix: str
+) -> None:
+    """An operator's policy gives the host's queue a message-ttl below CONFIG['expiry']:
+    what the broker expires early is dead-lettered to the host's dead queue, and the
+    next leader counts it (dropped["expired"]) and says it was a policy."""
+    over = {"host": [n.url for n in cluster], "expiry": 60}
+    (b,) = procs("hb", 1, **over)
+    b.call("wait_link", 15.0, timeout=20)
+    ch = b.call("new_channel")
+    b.kill()  # no leader reads hb's queue now (it stays: x-expires)
+    cluster[0].ctl(
+        "set_policy",
+        "hlha",
+        f"^{ns_prefix}\\.hb$",
+        '{"message-ttl":300}',
+        "--apply-to",
+        "queues",
+    )
+    time.sleep(1.0)  # (policies apply to existing queues at once, or nearly)
+    (a,) = hosts({"ha": 1}, **over)["ha"]
+    for k in range(50):
+        a.call("send", ch, {"type": "m", "n": k})
+    assert wait_until(lambda: link(a)["confirmed"] >= 50, 10), link(a)
+    time.sleep(1.0)  # expired by the policy meanwhile
+    (b2,) = procs("hb", 1, **over)
+    assert wait_until(
+        lambda: link(b2).get("dead_lettered", {}).get("expired_early", 0) >= 50, 20
+    ), link(b2)
+    assert b2.call("stats").dropped["expired"] >= 50

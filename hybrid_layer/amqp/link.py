@@ -817,6 +817,8 @@ class Link:
             # fits or expires; a queue found full makes senders get ChannelFull meanwhile
             c.broker_nacked += n
             pub.nacked = True
+            if key is not None:  # ChannelFull for a moment (longer if found full)
+                self._flag_full(key)
             self._diagnose_nack(pub)
             pub.seq = 0  # (not taken: a new id, like a return)
             self._keep_for_retry(pub)

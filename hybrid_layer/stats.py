@@ -31,7 +31,10 @@ class Statistics:
     ``dropped`` maps a reason to a count: ``full`` (a group or forwarded copy found its
     channel or inbox full), ``expired``, ``no_channel`` (the reader is gone or the name
     routes nowhere), ``corrupt`` (an invalid record in shared memory), ``dead_reader``
-    (left unread in a dead process's inbox), ``flushed``. ``send()`` raising
+    (left unread in a dead process's inbox), ``flushed``; broker mode: ``link_down``,
+    ``remote_full``, ``malformed``, ``too_large``, ``unauthenticated`` (refused: with
+    ``symmetric_encryption_keys`` no valid token, a replay, sealed for another route;
+    or a group copy with a spoofed origin). ``send()`` raising
     ``ChannelFull`` or ``MessageTooLarge`` is counted in ``raised``, not ``dropped``.
     """
 

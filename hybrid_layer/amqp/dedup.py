@@ -30,7 +30,11 @@ from __future__ import annotations
 import time
 
 FRAME_BITS = 11  # a batch has at most PUBLISH_BATCH_MAX = 1024 frames
-WORDS = 3  # nonce, high-water mark, last used (monotonic ms)
+WORDS = 3  # nonce, high-water mark, last used (monotonic ms) | OWN
+#: in the "last used" word: the publisher is a leader of this host (its group sends come
+#: back as echoes, which are skipped; a group frame claiming this host as its origin
+#: from any other publisher is a spoof, counted)
+OWN = 1 << 63
 
 
 def message_id(nonce: int, seq: int) -> str:
@@ -70,7 +74,7 @@ class DedupTable:
             nonce = words[base + WORDS * e]
             if nonce:
                 self.index[nonce] = e
-                self.clock = max(self.clock, words[base + WORDS * e + 2])
+                self.clock = max(self.clock, words[base + WORDS * e + 2] & ~OWN)
 
     def entry(self, nonce: int) -> int:
         """The entry of publisher ``nonce`` (made, evicting the least recently used)."""
@@ -84,10 +88,20 @@ class DedupTable:
             if old:
                 self.index.pop(old, None)
             w[off + 1] = 0  # the mark first: a reader never sees a stale one under it
+            w[off + 2] = 0  # (not OWN)
             w[off] = nonce
             self.index[nonce] = e
-        w[b + WORDS * e + 2] = now
+        w[b + WORDS * e + 2] = now | (w[b + WORDS * e + 2] & OWN)
         return e
+
+    def claim_own(self, nonce: int) -> None:
+        """Record ``nonce`` as this host's own publisher (a new leader's link)."""
+        e = self.entry(nonce)
+        off = self.base + WORDS * e + 2
+        self.w[off] = self.w[off] | OWN
+
+    def is_own(self, e: int) -> bool:
+        return bool(self.w[self.base + WORDS * e + 2] & OWN)
 
     def _victim(self) -> int:
         w, b = self.w, self.base
@@ -96,7 +110,7 @@ class DedupTable:
             off = b + WORDS * e
             if not w[off]:
                 return e
-            used = w[off + 2]
+            used = w[off + 2] & ~OWN
             if best_used is None or used < best_used:
                 best, best_used = e, used
         return best

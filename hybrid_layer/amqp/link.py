@@ -132,6 +132,7 @@ class Pub:
         "nacked",
         "name",
         "order",
+        "sealed",
         "seq",
         "until",
     )
@@ -152,6 +153,7 @@ class Pub:
         self.gen = 0  # the connection it was published on
         self.order = 0  # the seq it was first published with (its place in its stream)
         self.nacked = False  # rejected by its queue (full or failing) at least once
+        self.sealed: tuple[int, bytes] | None = None  # (seq, body sealed with that id)
 
 
 def group_key(prefix: str, group_hash: int) -> str:
@@ -195,6 +197,7 @@ class Link:
         self.retry_delay: dict[str, float] = {}
         self.retry_count = 0
         self.dedup = DedupTable(p.ns.reg_q, L.DQ_BASE, L.DEDUP_ENTRIES)
+        self.dedup.claim_own(self.nonce)  # our group sends' echoes are no spoofs
         self.seen: set[str] = set()  # normal-channel message ids delivered here
         self.seen_order: deque[str] = deque()
         self.reason = ""  # why the link is not up, for logs and statistics
@@ -719,9 +722,7 @@ class Link:
                 c.dropped_expired += 1
                 continue
             longest = max(longest, remaining)
-            frames.append(
-                wire.encode(wkind, cfg.host_id, fname, now_wall + remaining, payload, self.crypter)
-            )
+            frames.append(wire.encode(wkind, cfg.host_id, fname, now_wall + remaining, payload))
         if not frames:
             return None
         if dest is None:
@@ -750,6 +751,15 @@ class Link:
                 pub.order = pub.seq
         pub.gen = self.conn_gen
         exchange, rk, mandatory = pub.dest
+        body = pub.body
+        if self.crypter is not None:  # sealed with its route and id (a new id: again)
+            sealed = pub.sealed
+            if sealed is None or sealed[0] != pub.seq:
+                sealed = pub.sealed = (
+                    pub.seq,
+                    wire.seal(self.crypter, self.nonce, pub.seq, exchange, rk, body),
+                )
+            body = sealed[1]
         remaining = pub.until - time.monotonic()
         # the broker's own expiry: the latest of the batch (each frame carries its own)
         props = spec.Basic.Properties(
@@ -762,11 +772,11 @@ class Link:
         frame = None
         try:
             if self._fast_publish:
-                fut, frame = _publish_frame(ch, pub.body, exchange, rk, props, mandatory)
+                fut, frame = _publish_frame(ch, body, exchange, rk, props, mandatory)
             else:
                 fut = asyncio.ensure_future(
                     ch.basic_publish(
-                        pub.body,
+                        body,
                         exchange=exchange,
                         routing_key=rk,
                         properties=props,
@@ -1138,19 +1148,71 @@ class Link:
             "malformed", "hybrid_layer: malformed message from the broker dropped: %s", why
         )
 
-    def _frame(self, data: bytes | memoryview) -> tuple[wire.Frame, float] | None:
-        c = self.p.counters
-        try:
-            frame = wire.decode(data, self.crypter)
-        except wire.WireError as exc:  # (an undecodable payload is dropped by receive())
+    def _unauthenticated(self, why: object, n: int = 1) -> None:
+        self.p.counters.dropped_unauthenticated += n
+        limited.warning(
+            "unauthenticated",
+            "hybrid_layer: %d message(s) from the broker refused (unauthenticated): %s",
+            n,
+            why,
+        )
+
+    def _refused(self, exc: wire.WireError) -> None:
+        """Count and log a frame (or a whole delivery) refused by ``wire``."""
+        if isinstance(exc, wire.Unauthenticated):
+            self._unauthenticated(exc)
+        elif isinstance(exc, wire.TooLarge):
+            self._too_large(exc.size)
+        else:
             self._malformed(exc)
+
+    def _route_of(self, frame: wire.Frame) -> tuple[str, str]:
+        """Where a frame of its kind and name is published to (exchange, routing key):
+        with keys, a frame sealed for any other route is refused."""
+        cfg = self.cfg
+        if frame.kind == wire.DIRECT:
+            return "", self.queue  # (only this host's queue: another host's is refused)
+        if frame.kind == wire.GROUP:
+            return cfg.groups_exchange, group_key(cfg.prefix, name_hash("g", frame.name))
+        return "", normal_queue(cfg.prefix, name_hash("n", frame.name))
+
+    def _open(self, msg: DeliveredMessage, ids: tuple[int, int] | None) -> wire.Opened | None:
+        """Open a delivery (``wire.open_delivery``); ``None`` if refused as a whole
+        (counted and logged here)."""
+        d = msg.delivery
+        try:
+            return wire.open_delivery(
+                msg.body,
+                d.exchange,
+                d.routing_key,
+                ids,
+                self.crypter,
+                time.time(),
+                self._route_of,
+                self.max_frame,
+            )
+        except wire.WireError as exc:
+            self._refused(exc)
             return None
+        except Exception as exc:  # a bug, never out of the delivery callback
+            self._malformed(f"{type(exc).__name__}: {exc}")
+            return None
+
+    def _expires_at(self, frame: wire.Frame) -> float | None:
+        """Local deadline of a frame, or ``None`` if it has expired (counted)."""
         remaining = frame.expires_wall - time.time()
         if remaining <= 0:
-            c.dropped_expired += 1
+            self.p.counters.dropped_expired += 1
             return None
-        c.broker_received += 1
-        return frame, time.monotonic() + min(remaining, self.cfg.expiry)
+        self.p.counters.broker_received += 1
+        return time.monotonic() + min(remaining, self.cfg.expiry)
+
+    def _own_echo(self, ids: tuple[int, int] | None, entry: int) -> bool:
+        """A group frame with this host as its origin: published by one of this host's
+        leaders (an echo: its local copies went out locally), else a spoof."""
+        if ids is None:
+            return False
+        return ids[0] == self.nonce or self.dedup.is_own(entry)
 
     def _too_large(self, size: int) -> None:
         self.p.counters.dropped_too_large += 1
@@ -1276,35 +1338,51 @@ class Link:
     def _on_host_message(self, msg: DeliveredMessage) -> None:
         """A delivery from the host queue: one frame or a batch. Acknowledged (in
         batches, ``_ack_later``) about 1 ms after it was handled; a frame already
-        delivered (a dead leader's unacknowledged deliveries, or a sender's publish
-        again after a lost connection) is skipped by its id (``dedup``)."""
+        delivered (a dead leader's unacknowledged deliveries, a sender's publish again
+        after a lost connection, or a sealed frame replayed) is skipped by its id
+        (``dedup``; with keys, the sealed id)."""
         self._ack_later(msg)
-        try:
-            parts = wire.split(msg.body)
-        except wire.WireError as exc:
-            self._malformed(exc)
+        ids = (
+            None if self.crypter is not None else parse_message_id(msg.header.properties.message_id)
+        )
+        opened = self._open(msg, ids)
+        if opened is None:
             return
         p = self.p
         c = p.counters
-        ids = parse_message_id(msg.header.properties.message_id)
+        ids = opened.ids
         dedup = self.dedup
         entry = seq = 0
         if ids is not None:
             entry, seq = dedup.entry(ids[0]), ids[1]
-        for i, data in enumerate(parts if parts is not None else (msg.body,)):
+        for i, frame in enumerate(opened.items):
             if ids is not None:
                 m = mark(seq, i)
                 if dedup.seen(entry, m):
                     c.broker_duplicates += 1
                     continue
                 dedup.record(entry, m)
-            if len(data) > self.max_frame:
-                self._too_large(len(data))
+            if not isinstance(frame, wire.Frame):
+                self._refused(frame)
                 continue
-            got = self._frame(data)
-            if got is None:
+            if frame.kind == wire.NORMAL:
+                self._malformed("a normal-channel frame on the host queue")
                 continue
-            frame, expires_at = got
+            if (
+                frame.kind == wire.GROUP
+                and frame.origin == self.cfg.host_id
+                and not self._own_echo(ids, entry)
+            ):
+                self._unauthenticated(
+                    f"a copy for group {frame.name!r} claims this host "
+                    f"({frame.origin!r}) as its origin, but none of this host's "
+                    "leaders published it (a spoofed origin, or another host "
+                    "configured with this host_id)"
+                )
+                continue
+            expires_at = self._expires_at(frame)
+            if expires_at is None:
+                continue
             if frame.kind == wire.DIRECT:
                 held = self.held.get(frame.name)
                 if held is not None:  # behind others held for it (FIFO)
@@ -1314,11 +1392,8 @@ class Link:
                 if r in (FULL_CHANNEL, FULL_RING):  # a busy reader: wait for its room
                     q = self.held.setdefault(frame.name, deque())
                     self._hold(q, frame.name, frame.payload, expires_at)
-            elif frame.kind == wire.GROUP:
-                if frame.origin != self.cfg.host_id:  # our own copy went out locally
-                    p.deliver_group(frame.name, frame.payload, expires_at)
-            else:
-                self._malformed("a normal-channel frame on the host queue")
+            elif frame.origin != self.cfg.host_id:  # (our own copy went out locally)
+                p.deliver_group(frame.name, frame.payload, expires_at)
 
     def _on_dead(self, msg: DeliveredMessage) -> None:
         """What the broker dropped from the host's queue (dead-lettered): counted, and
@@ -1329,17 +1404,21 @@ class Link:
         reason = headers.get("x-first-death-reason") or "unknown"
         if isinstance(reason, bytes):
             reason = reason.decode("utf-8", "replace")
-        try:
-            parts = wire.split(msg.body)
-        except wire.WireError:
-            parts = None
-        frames = parts if parts is not None else (msg.body,)
         c = self.p.counters
         now = time.time()
+        body = msg.body
+        if self.crypter is not None:  # (its route is the dead-letter one now)
+            with contextlib.suppress(wire.WireError):
+                body = wire.unseal(self.crypter, body, now).body
+        try:
+            parts = wire.split(body)
+        except wire.WireError:
+            parts = None
+        frames = parts if parts is not None else (body,)
         early = 0
         for data in frames:
             try:
-                frame = wire.decode(data, self.crypter)
+                frame: wire.Frame | None = wire.decode(data)
             except wire.WireError:
                 frame = None
             if reason == "expired":
@@ -1381,18 +1460,33 @@ class Link:
         tag = msg.delivery.delivery_tag
         ch = msg.channel
         mid = msg.header.properties.message_id
-        if mid and msg.delivery.redelivered and mid in self.seen:
+        if self.crypter is None and mid and msg.delivery.redelivered and mid in self.seen:
             self.p.counters.broker_duplicates += 1
             await ch.basic_ack(tag, wait=False)
             return
-        if len(msg.body) > self.max_frame:
-            self._too_large(len(msg.body))
+        opened = self._open(msg, None)
+        if opened is None:
             await ch.basic_ack(tag, wait=False)
             return
-        got = self._frame(msg.body)
-        if got is None or got[0].kind != wire.NORMAL:
-            if got is not None:
-                self.p.counters.dropped_malformed += 1
+        if opened.ids is not None:  # sealed: its authenticated id (a replay: skipped)
+            mid = message_id(*opened.ids)
+            if mid in self.seen:
+                self.p.counters.broker_duplicates += 1
+                await ch.basic_ack(tag, wait=False)
+                return
+        items = opened.items
+        got = None
+        if len(items) != 1:
+            self._malformed(f"a batch of {len(items)} frames on a normal channel's queue")
+        elif not isinstance(items[0], wire.Frame):
+            self._refused(items[0])
+        elif items[0].kind != wire.NORMAL:
+            self._malformed("a direct or group frame on a normal channel's queue")
+        else:
+            expires_at = self._expires_at(items[0])
+            if expires_at is not None:
+                got = items[0], expires_at
+        if got is None:
             await ch.basic_ack(tag, wait=False)
             return
         frame, expires_at = got

@@ -24,8 +24,9 @@ import struct
 from dataclasses import dataclass
 
 MAGIC = 0x48594252_4C415931  # "HYBRLAY1"
-VERSION = 4  # 2: broker mode (outbound kinds, link words, tagged hashes); 3: broker_batches;
-# 4: the host-queue dedupe table, link reason and sync-time words, new counters
+VERSION = 5  # 2: broker mode (outbound kinds, link words, tagged hashes); 3: broker_batches;
+# 4: the host-queue dedupe table, link reason and sync-time words, new counters;
+# 5: dropped_unauthenticated, the dedupe table's OWN bit
 
 INIT_LOCK = 0
 LEADER_LOCK = 1
@@ -86,6 +87,9 @@ STATS_FIELDS = (
     "broker_republished",  # unconfirmed when a connection died, published again
     "broker_claim_refused",  # attempts to claim the host_id that another connection holds
     "broker_nacked",  # rejected by their queue (full or failing), kept and tried again
+    # issue 12: refused frames from the broker (a token that does not authenticate, a
+    # replay, a route it was not sealed for, a spoofed origin)
+    "dropped_unauthenticated",
 )
 REG_STATS = struct.Struct("@" + "Q" * len(STATS_FIELDS))
 # the leader's link words, in its own registry slot record (u64 each, typed-view access):

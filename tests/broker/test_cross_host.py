@@ -396,7 +396,7 @@ class TestEncryption:
         hb = hosts({"hb": 1}, symmetric_encryption_keys=["two"])["hb"][0]
         ca = ha.call("new_channel", "e.")
         hb.call("send", ca, {"type": "secret"})
-        assert wait_until(lambda: ha.call("stats").dropped["malformed"] == 1, 10)
+        assert wait_until(lambda: ha.call("stats").dropped["unauthenticated"] == 1, 10)
         with pytest.raises(RemoteError, match="Timeout"):
             ha.call("receive", ca, 0.3)
 

@@ -75,7 +75,15 @@ async def test_prometheus_exports_every_counter(layer_config: dict[str, Any]) ->
     assert f"hybrid_layer_received_total{{{labels}}} 1.0" in text
     assert f"hybrid_layer_group_sends_total{{{labels}}} 1.0" in text
     assert f'hybrid_layer_dropped_total{{{labels},reason="full"}} 1.0' in text
-    for reason in ("expired", "no_channel", "corrupt", "dead_reader", "link_down", "malformed"):
+    for reason in (
+        "expired",
+        "no_channel",
+        "corrupt",
+        "dead_reader",
+        "link_down",
+        "malformed",
+        "unauthenticated",
+    ):
         assert f'hybrid_layer_dropped_total{{{labels},reason="{reason}"}} 0.0' in text
     assert f'hybrid_layer_raised_total{{{labels},reason="full"}} 0.0' in text
     assert f"hybrid_layer_participants{{{labels}}} 1.0" in text

@@ -60,3 +60,21 @@ def test_the_least_recently_used_publisher_is_evicted() -> None:
     t.entry(1)  # 2 is now the oldest
     t.entry(3)
     assert set(t.index) == {1, 3}
+
+
+def test_own_publishers_are_remembered_across_leaders_and_never_look_old() -> None:
+    t, words = table(4)
+    t.claim_own(11)
+    e = t.entry(11)
+    assert t.is_own(e)
+    t.record(e, mark(3, 0))
+    assert not t.is_own(t.entry(22))  # another host's publisher
+    # a new leader (reading the same words) knows its predecessor's nonce as this host's
+    t2 = DedupTable(words, 10, 4)
+    assert t2.is_own(t2.entry(11)) and t2.seen(t2.entry(11), mark(3, 0))
+    # the OWN bit does not make the entry look recently used forever: it is evicted
+    for n in (33, 44, 55):  # (55 evicts 22, the least recently used)
+        t2.entry(n)
+    t2.entry(66)  # evicts the least recently used: 11
+    assert 11 not in t2.index
+    assert not t2.is_own(t2.entry(11))  # (a new entry for it is not own)

@@ -600,6 +600,12 @@ class Namespace:
             L.REG_STATS.unpack_from(self.reg.buf, L.reg_slot_offset(i) + L.REG_STATS_OFFSET)
         )
 
+    def doorbells_refused(self) -> int:
+        """Wake-ups not written because a bell was not a FIFO of this user (logged)."""
+        with self.slots_lock:
+            views = list(self.slots.values())
+        return sum(sv.bell.refused + sv.rescue.refused for sv in views)
+
     # ------------------------------------------------------------------ detach
     def detach(self) -> bool:
         """Leave the namespace. True if this was the last process and names were removed."""

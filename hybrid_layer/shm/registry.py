@@ -373,7 +373,8 @@ class Namespace:
             sv.rescue.ring()  # the owner's host thread drains even if no one receives
             return FULL_RING
         if waiting:
-            sv.bell.ring()
+            if not sv.bell.ring():  # owner gone, or its bell refused (not a FIFO of ours):
+                sv.rescue.ring()  # its host thread drains and wakes the receiver
         elif urgent:
             sv.rescue.ring()
         half = sv.half

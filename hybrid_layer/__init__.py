@@ -10,6 +10,7 @@ from .errors import (
     MessageTooLarge,
     NamespaceFull,
     NamespaceMismatch,
+    NamespaceTaken,
     SharedMemoryCorrupt,
 )
 from .layer import HybridChannelLayer
@@ -26,6 +27,7 @@ __all__ = [
     "MessageTooLarge",
     "NamespaceFull",
     "NamespaceMismatch",
+    "NamespaceTaken",
     "SharedMemoryCorrupt",
     "Statistics",
     "__version__",

@@ -17,30 +17,12 @@ the ``CHANNEL_LAYERS`` entries that use this backend. Enabled by adding
 
 from __future__ import annotations
 
-import os
-import stat
 from typing import Any
+
+from .config import shm_dir_problem
 
 BACKEND = "hybrid_layer.HybridChannelLayer"
 UVICORN_WS_MAX_SIZE = 16 * 1024 * 1024
-
-
-def shm_dir_problem(path: str) -> str | None:
-    """Why ``path`` is not a safe ``shm_dir``, else None."""
-    try:
-        st = os.stat(path)
-    except OSError as exc:
-        return f"shm_dir {path!r} cannot be used: {exc.strerror}"
-    if not stat.S_ISDIR(st.st_mode):
-        return f"shm_dir {path!r} is not a directory"
-    if st.st_mode & (stat.S_IWOTH | stat.S_IWGRP) and not st.st_mode & stat.S_ISVTX:
-        return (
-            f"shm_dir {path!r} is writable by other users without the sticky bit: they "
-            "could replace this site's files (chmod +t, or use a directory of its own)"
-        )
-    if st.st_uid not in (0, os.geteuid()):
-        return f"shm_dir {path!r} is owned by uid {st.st_uid}, not by this user or root"
-    return None
 
 
 def check_layers(app_configs: Any = None, **kwargs: Any) -> list[Any]:

@@ -12,9 +12,12 @@ import math
 import os
 import re
 import socket
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from .shm.owner import user_text
 
 _ID_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
 
@@ -70,6 +73,72 @@ def default_host_id(shm_dir: str = "/dev/shm") -> str:
     except OSError:
         dev = 0
     return "h" + hashlib.sha256(raw + b"|%d" % dev).hexdigest()[:10]
+
+
+def _open_to_others(st: os.stat_result) -> bool:
+    """Other users may create, remove or rename entries in this directory."""
+    return bool(st.st_mode & (stat.S_IWOTH | stat.S_IWGRP)) and not st.st_mode & stat.S_ISVTX
+
+
+def shm_dir_problem(path: str) -> str | None:
+    """Why ``path`` is not a safe ``shm_dir``, else None. Shared by the layer's
+    constructor (a ``ValueError``) and the Django system check ``hybrid_layer.E002``.
+
+    Safe means no other user can put a file of their choosing (a symlink to
+    ``/etc/passwd``, a FIFO of theirs) where this site's lock file and doorbells go, nor
+    replace the directory itself: it is owned by this user or root, is not writable by
+    others unless sticky (like ``/dev/shm``: then they can add names, never replace
+    ours), and no directory above it, nor a symlink on the way, is another user's.
+    """
+    me = os.geteuid()
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return f"shm_dir {path!r} cannot be used: {exc.strerror}"
+    if not stat.S_ISDIR(st.st_mode):
+        return f"shm_dir {path!r} is not a directory"
+    if _open_to_others(st):
+        return (
+            f"shm_dir {path!r} is writable by other users without the sticky bit: they "
+            "could replace this site's files (chmod +t, or use a directory of its own)"
+        )
+    if st.st_uid not in (0, me):
+        return (
+            f"shm_dir {path!r} is owned by {user_text(st.st_uid)}, not by this user or "
+            "root: that user could replace this site's files"
+        )
+    if not os.access(path, os.W_OK | os.X_OK):
+        return f"shm_dir {path!r} is not writable by this user ({user_text(me)})"
+    # every symlink on the way, and every directory above the real one
+    parts = path.strip("/").split("/")
+    for k in range(1, len(parts)):
+        here = "/" + "/".join(parts[:k])
+        lst = os.lstat(here)
+        if stat.S_ISLNK(lst.st_mode) and lst.st_uid not in (0, me):
+            return (
+                f"shm_dir {path!r} goes through the symlink {here!r} owned by "
+                f"{user_text(lst.st_uid)}: that user decides where this site's files go"
+            )
+    if os.path.islink(path) and os.lstat(path).st_uid not in (0, me):
+        return (
+            f"shm_dir {path!r} is a symlink owned by {user_text(os.lstat(path).st_uid)}: "
+            "that user decides where this site's files go (use the real directory)"
+        )
+    real = os.path.realpath(path)
+    up = os.path.dirname(real)
+    while True:
+        pst = os.stat(up)
+        if pst.st_uid not in (0, me) or _open_to_others(pst):
+            who = user_text(pst.st_uid)
+            why = (
+                "writable by other users without the sticky bit"
+                if _open_to_others(pst)
+                else f"owned by {who}"
+            )
+            return f"shm_dir {path!r} is inside {up!r}, {why}: they could replace it"
+        if up == "/":
+            return None
+        up = os.path.dirname(up)
 
 
 @dataclass(frozen=True, slots=True)

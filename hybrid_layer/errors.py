@@ -46,6 +46,12 @@ class NamespaceFull(HybridLayerError, RuntimeError):
     """Every participant slot on this host is taken by a live process."""
 
 
+class NamespaceTaken(HybridLayerError, PermissionError):
+    """A name of this namespace (shared memory, lock file, doorbell) exists and is not
+    this user's to use: another user's, a symlink, or the wrong kind of file. The text
+    names the object, its owner and what to do."""
+
+
 __all__ = [
     "ChannelFull",
     "HybridLayerError",
@@ -53,5 +59,6 @@ __all__ = [
     "MessageTooLarge",
     "NamespaceFull",
     "NamespaceMismatch",
+    "NamespaceTaken",
     "SharedMemoryCorrupt",
 ]

@@ -21,7 +21,7 @@ import msgspec
 from channels.layers import BaseChannelLayer
 
 from ._log import limited
-from .config import LayerConfig, parse_config
+from .config import LayerConfig, parse_config, shm_dir_problem
 from .envelope import decode_message, encode_message
 from .errors import ChannelFull, MessageTooLarge
 from .names import parse
@@ -63,6 +63,9 @@ class HybridChannelLayer(BaseChannelLayer):  # type: ignore[misc]
 
     def __init__(self, config: dict[str, Any] | None = None, **kwargs: Any) -> None:
         cfg = parse_config(config, **kwargs)
+        problem = shm_dir_problem(cfg.shm_dir)
+        if problem:
+            raise ValueError(f"CONFIG['shm_dir']: {problem}")
         super().__init__(expiry=cfg.expiry, capacity=cfg.capacity)
         self.config: LayerConfig = cfg
         self.group_expiry = cfg.group_expiry
@@ -316,6 +319,8 @@ class HybridChannelLayer(BaseChannelLayer):  # type: ignore[misc]
                 "groups": len(p.groups),
                 "normal_readers": len(p.readers),
                 "parked": sum(len(q) for q in p.parked.values()),
+                # sends whose wake-up was not written: the bell was not a FIFO of ours
+                "doorbells_refused": p.ns.doorbells_refused(),
             },
             broker=self._broker_info(p, p.counters.as_dict()),
         )

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import fcntl
 import os
+import stat
 import struct
+
+from .owner import taken
 
 _FLOCK = struct.Struct("hhqqi4x")  # struct flock on Linux/x86-64 and aarch64: 32 bytes
 
@@ -30,14 +33,15 @@ class LockFile:
 
     def __init__(self, path: str, mode: int) -> None:
         self.path = path
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
+        except OSError as exc:  # ELOOP: a symlink; EACCES: another user's file
+            raise taken("lock file", path, f"open failed: {exc.strerror}") from exc
         st = os.fstat(self.fd)
-        if st.st_uid != os.geteuid():
+        if st.st_uid != os.geteuid() or not stat.S_ISREG(st.st_mode):
             os.close(self.fd)
-            raise PermissionError(
-                f"{path} belongs to uid {st.st_uid}, not to this user ({os.geteuid()}); "
-                "use another CONFIG['prefix'] or remove the file"
-            )
+            self.fd = -1
+            raise taken("lock file", path, "it is not a regular file owned by this user")
 
     def acquire(self, start: int, length: int = 1, *, blocking: bool = True) -> bool:
         cmd = fcntl.F_OFD_SETLKW if blocking else fcntl.F_OFD_SETLK

@@ -373,7 +373,8 @@ class Namespace:
             sv.rescue.ring()  # the owner's host thread drains even if no one receives
             return FULL_RING
         if waiting:
-            sv.bell.ring()
+            if not sv.bell.ring():  # owner gone, or its bell refused (not a FIFO of ours):
+                sv.rescue.ring()  # its host thread drains and wakes the receiver
         elif urgent:
             sv.rescue.ring()
         half = sv.half
@@ -599,6 +600,12 @@ class Namespace:
         return tuple(
             L.REG_STATS.unpack_from(self.reg.buf, L.reg_slot_offset(i) + L.REG_STATS_OFFSET)
         )
+
+    def doorbells_refused(self) -> int:
+        """Wake-ups not written because a bell was not a FIFO of this user (logged)."""
+        with self.slots_lock:
+            views = list(self.slots.values())
+        return sum(sv.bell.refused + sv.rescue.refused for sv in views)
 
     # ------------------------------------------------------------------ detach
     def detach(self) -> bool:

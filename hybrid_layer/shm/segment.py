@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import mmap
 import os
 
 import posix_ipc
+
+from .owner import shm_path, taken
+
+log = logging.getLogger("hybrid_layer")
+
+# errors of shm_open that mean "something not ours is there" (ELOOP: glibc opens with
+# O_NOFOLLOW, so a symlink planted there)
+_NOT_OURS = frozenset({errno.ELOOP, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENXIO})
 
 
 class Segment:
@@ -17,12 +27,11 @@ class Segment:
     def __init__(self, name: str, size: int, mode: int, *, create: bool) -> None:
         self.name = name
         self.size = size
-        flags = posix_ipc.O_CREAT if create else 0
-        shm = posix_ipc.SharedMemory(name, flags, mode=mode, size=0)
+        shm = _open(name, mode, create=create)
         try:
             st = os.fstat(shm.fd)
             if st.st_uid != os.geteuid():
-                raise PermissionError(f"shared memory {name} belongs to uid {st.st_uid}")
+                raise taken("shared memory", shm_path(name), "it belongs to another user")
             self.created = st.st_size == 0
             if st.st_size != size:
                 if not create:
@@ -70,9 +79,31 @@ class Segment:
             self.map.close()
 
 
+def _open(name: str, mode: int, *, create: bool) -> posix_ipc.SharedMemory:
+    """``shm_open``; a name this user may not open (another user's, a symlink: glibc
+    opens with ``O_NOFOLLOW``) becomes :class:`NamespaceTaken` naming it and its owner.
+    ``posix_ipc.ExistentialError`` (no such name, without ``create``) passes through."""
+    try:
+        return posix_ipc.SharedMemory(name, posix_ipc.O_CREAT if create else 0, mode=mode, size=0)
+    except posix_ipc.PermissionsError as exc:
+        raise taken("shared memory", shm_path(name), f"open refused ({exc})") from exc
+    except OSError as exc:
+        if exc.errno not in _NOT_OURS:
+            raise
+        raise taken("shared memory", shm_path(name), f"open failed: {exc.strerror}") from exc
+
+
 def unlink(name: str) -> bool:
+    """Remove a name; False if it did not exist or cannot be removed. Another user's
+    name in a sticky ``/dev/shm`` cannot be: that is logged, naming it and its owner
+    (whoever then needs the name gets :class:`NamespaceTaken` from ``Segment``)."""
     try:
         posix_ipc.unlink_shared_memory(name)
     except posix_ipc.ExistentialError:
+        return False
+    except (posix_ipc.PermissionsError, OSError) as exc:
+        log.warning(
+            "hybrid_layer: %s", taken("shared memory", shm_path(name), f"cannot remove it ({exc})")
+        )
         return False
     return True

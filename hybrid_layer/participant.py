@@ -148,6 +148,16 @@ class Participant:
             self.next_bucket = (bucket + 1) % self.K
         return names.mint(prefix, self.cfg.host_id, self.slot, self.gen, bucket)
 
+    def owns(self, channel: str) -> bool:
+        """Whether ``channel`` (a process channel) names this participant."""
+        addr = names.parse(channel)
+        return (
+            addr is not None
+            and addr.host_id == self.cfg.host_id
+            and addr.slot == self.slot
+            and addr.gen == self.gen
+        )
+
     def capacity_for(self, channel: str) -> int:
         cap = self._capacity_cache.get(channel)
         if cap is None:

@@ -148,3 +148,45 @@ async def test_a_collected_layer_in_broker_mode_closes_its_link(ns_prefix: str) 
         await asyncio.sleep(0.02)
     assert not [t.name for t in threading.enumerate() if t.name.startswith("hybrid-layer")]
     assert _ours(ns_prefix) == []
+
+
+async def test_a_normal_channel_reader_that_stops_receiving_gives_its_messages_back(
+    layer_config: dict[str, Any],
+) -> None:
+    """Process A receives from "jobs" once and stops; B keeps receiving. What is sent
+    afterwards reaches B (round-robin gave some to A: A hands them back), none waits
+    in A until expiry."""
+    a, b = Remote(layer_config), Remote(layer_config)
+    sender = HybridChannelLayer(**layer_config)
+    try:
+        await sender.send("jobs", {"type": "first"})
+        assert a.call("receive", "jobs", 5)["type"] == "first"  # A is a reader now
+        b.call("collect", "jobs", 20)  # B receives for ever (20 messages)
+        await asyncio.sleep(0.2)
+        for i in range(20):
+            await sender.send("jobs", {"type": "job", "i": i})
+        got = b.call("wait_collected", "jobs", 10)
+        assert sorted(m["i"] for m in got) == list(range(20))
+        assert a.call("stats").received == 1
+    finally:
+        a.close()
+        b.close()
+        await sender.close()
+
+
+async def test_a_lone_reader_that_comes_back_gets_what_was_handed_back(
+    layer_config: dict[str, Any],
+) -> None:
+    a = Remote(layer_config)
+    sender = HybridChannelLayer(**layer_config)
+    try:
+        await sender.send("jobs", {"type": "job", "i": -1})
+        assert a.call("receive", "jobs", 5)["i"] == -1
+        for i in range(5):
+            await sender.send("jobs", {"type": "job", "i": i})
+        await asyncio.sleep(1.5)  # A idles: its queue goes back (to the leader's park)
+        assert [a.call("receive", "jobs", 5)["i"] for _ in range(5)] == list(range(5))
+        assert sum(sender.global_statistics().dropped.values()) == 0
+    finally:
+        a.close()
+        await sender.close()

@@ -34,6 +34,11 @@ class LayerClosed(HybridLayerError, RuntimeError):
     """The layer was closed by this process; create a new one to go on."""
 
 
+class ChannelNotOwned(HybridLayerError, ValueError):
+    """``receive()`` on a process channel (``…!…``) that this process did not mint: its
+    messages go to the process named in it, so the receive would wait for ever."""
+
+
 class SharedMemoryCorrupt(HybridLayerError):
     """A record in shared memory failed validation (bad magic, impossible length)."""
 
@@ -54,6 +59,7 @@ class NamespaceTaken(HybridLayerError, PermissionError):
 
 __all__ = [
     "ChannelFull",
+    "ChannelNotOwned",
     "HybridLayerError",
     "LayerClosed",
     "MessageTooLarge",

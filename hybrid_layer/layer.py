@@ -23,7 +23,7 @@ from channels.layers import BaseChannelLayer
 from ._log import limited
 from .config import LayerConfig, parse_config, shm_dir_problem
 from .envelope import decode_message, encode_message
-from .errors import ChannelFull, MessageTooLarge
+from .errors import ChannelFull, ChannelNotOwned, MessageTooLarge
 from .names import parse
 from .participant import LINK_CLOSE_WAIT, Item, Participant
 from .shm import layout as L
@@ -78,6 +78,7 @@ class HybridChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         self._spin_misses = 0
         self._spin_skip = 0
         self._attach_lock = threading.Lock()
+        self._finalizer: weakref.finalize[Any, Any] | None = None
         _layers.add(self)
 
     # ------------------------------------------------------------------ plumbing
@@ -87,8 +88,11 @@ class HybridChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             return p
         with self._attach_lock:
             if self._participant is None or self._pid != os.getpid():
-                self._participant = Participant(self.config)
+                p = self._participant = Participant(self.config)
                 self._pid = os.getpid()
+                # dropped without close() (a test building a layer per test, Django's
+                # override_settings): leave the namespace when the object is collected
+                self._finalizer = weakref.finalize(self, _release_collected, p)
             self._gen = _fork_gen
             return self._participant
 
@@ -104,6 +108,9 @@ class HybridChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         p = self._participant
         self._participant = None
         self._attach_lock = threading.Lock()
+        if self._finalizer is not None:
+            self._finalizer.detach()  # (the parent's participant: never closed from here)
+            self._finalizer = None
         if p is not None:
             p.abandon()
 
@@ -167,11 +174,23 @@ class HybridChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         if channel not in self._valid:
             self._valid_channel(channel)
         p = self._p()
+        ring_q = p.own.ring.q
         while True:
+            if ring_q[Q_TAIL] != ring_q[Q_HEAD]:
+                # records still in the inbox come first: a group copy is checked against
+                # capacity before what is queued makes room, as if fanned out when sent
+                p.drain(asyncio.get_running_loop())
             item = p.take(channel)
             if item is None:
                 if "!" not in channel:
                     p.ensure_reader(channel)
+                elif not p.owns(channel):
+                    raise ChannelNotOwned(
+                        f"receive({channel!r}): this process did not create that channel, "
+                        "so nothing sent to it can reach this process; receive only on "
+                        "names from this layer's new_channel() in this process (or on "
+                        "normal channels, without '!')"
+                    )
                 loop = asyncio.get_running_loop()
                 if p.drain(loop):
                     item = p.take(channel)
@@ -288,6 +307,10 @@ class HybridChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         """Leave the host namespace; the last process out removes the shared memory."""
         p = self._participant
         self._participant = None
+        fin = self._finalizer
+        if fin is not None:
+            fin.detach()
+            self._finalizer = None
         if p is not None and self._pid == os.getpid():
             p.close()
 
@@ -410,6 +433,28 @@ def _after_fork_in_child() -> None:
     _fork_gen += 1
     for layer in list(_layers):
         layer._after_fork_in_child()
+
+
+def _release_collected(p: Participant) -> None:
+    """A layer object was garbage-collected while attached: leave the namespace.
+
+    Collection can happen in any thread, the host thread and a running event loop's
+    included, so the close (which may wait for the link to publish what is queued)
+    runs on a thread of its own; at interpreter exit it runs here.
+    """
+    if p.closed or p.pid != os.getpid():
+        return
+    try:
+        threading.Thread(target=_close_quietly, args=(p,), name="hybrid-layer-release").start()
+    except RuntimeError:  # interpreter shutting down: no new threads
+        _close_quietly(p)
+
+
+def _close_quietly(p: Participant) -> None:
+    try:
+        p.close()
+    except Exception:  # pragma: no cover - best effort
+        logging.getLogger("hybrid_layer").exception("hybrid_layer: releasing a layer failed")
 
 
 def _close_all_at_exit() -> None:

@@ -61,6 +61,9 @@ log = logging.getLogger("hybrid_layer")
 TICK = 0.1  # host thread period: election attempts, housekeeping
 RECLAIM_EVERY = 0.25
 SWEEP_EVERY = 1.0
+#: a reader of a normal channel that has taken nothing of it for this long while
+#: messages wait in its queue gives them back to the channel's other readers
+READER_IDLE = 0.5
 _monotonic = time.monotonic
 #: how long ``group_add`` waits for the leader to bind a new group on the broker
 BIND_WAIT = 2.0
@@ -116,6 +119,8 @@ class Participant:
         self._last_loop: asyncio.AbstractEventLoop | None = None  # (in loop_regs)
         self.groups = GroupTable()
         self.readers: set[str] = set()
+        # normal channel -> (its queue's head, when first seen there): for READER_IDLE
+        self._idle_heads: dict[str, tuple[Item, float]] = {}
         self.parked: dict[str, deque[Item]] = {}
         self._flush_word = self.ns.reg_q  # [HQ_FLUSH_EPOCH]: read on every take/drain
         self.flush_seen = self.ns.flush_epoch()
@@ -147,6 +152,16 @@ class Participant:
             bucket = self.next_bucket
             self.next_bucket = (bucket + 1) % self.K
         return names.mint(prefix, self.cfg.host_id, self.slot, self.gen, bucket)
+
+    def owns(self, channel: str) -> bool:
+        """Whether ``channel`` (a process channel) names this participant."""
+        addr = names.parse(channel)
+        return (
+            addr is not None
+            and addr.host_id == self.cfg.host_id
+            and addr.slot == self.slot
+            and addr.gen == self.gen
+        )
 
     def capacity_for(self, channel: str) -> int:
         cap = self._capacity_cache.get(channel)
@@ -570,6 +585,61 @@ class Participant:
         sv = self.ns.slot(ld.slot) if ld.slot >= 0 else None
         if sv is not None:  # ask the leader for what it parked; its tick retries anyway
             self.control(sv, "reader", channel)
+
+    def hand_back_idle(self) -> None:
+        """Normal channels: a process that stopped receiving one gives back what waits.
+
+        A process becomes a reader on its first ``receive()`` of a normal channel and
+        senders pick readers round-robin, so a process that received once and stopped
+        (a worker busy with a long job, a management command that took one message)
+        would keep its share until ``expiry``. Once the head of its queue has stayed
+        there ``READER_IDLE`` seconds with no ``receive()`` waiting, the process stops
+        being a reader (its next ``receive()`` makes it one again) and routes the queued
+        messages on, in order: to another reader on this host, else (single host) to the
+        leader, which parks them until a reader appears, else (broker mode) to the
+        channel's queue on the broker, where other hosts' readers get them.
+        """
+        now = _monotonic()
+        back: list[tuple[str, list[Item]]] = []
+        with self.lock:
+            marks = self._idle_heads
+            for channel in list(self.readers):
+                q = self.queues.get(channel)
+                if not q or channel in self.waiters:
+                    marks.pop(channel, None)
+                    continue
+                seen = marks.get(channel)
+                if seen is None or seen[0] is not q[0]:
+                    marks[channel] = (q[0], now)
+                    continue
+                if now - seen[1] < READER_IDLE:
+                    continue
+                del marks[channel]
+                self.readers.discard(channel)
+                self.own.groups.discard(name_hash("n", channel))
+                items = list(q)
+                del self.queues[channel]
+                for item in items:
+                    if item.bucket >= 0:
+                        self._deq(item.bucket, 1)
+                back.append((channel, items))
+        for channel, items in back:
+            log.info(
+                "hybrid_layer: pid %d stopped receiving normal channel %r: %d waiting "
+                "message(s) handed back to its other readers",
+                self.pid,
+                channel,
+                len(items),
+            )
+            for item in items:
+                if item.expires_at < _monotonic():
+                    self.counters.dropped_expired += 1
+                    continue
+                r = self.send_normal(
+                    channel, memoryview(item.body)[item.name_len :], item.expires_at
+                )
+                if r != OK:
+                    self._count_forward_failure(r, channel)
 
     # ================================================================ receiving
     def take(self, channel: str) -> Item | None:
@@ -1272,6 +1342,8 @@ class HostThread(threading.Thread):
                     link.request_sync()
             if p.cfg.broker:
                 p.watch_link()
+            if p.readers:
+                p.hand_back_idle()
             if now >= self._next_sweep:
                 self._next_sweep = now + SWEEP_EVERY
                 p.drain(None)

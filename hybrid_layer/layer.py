@@ -20,7 +20,6 @@ from typing import Any, ClassVar
 import msgspec
 from channels.layers import BaseChannelLayer
 
-from ._log import limited
 from .config import LayerConfig, parse_config
 from .envelope import decode_message, encode_message
 from .errors import ChannelFull, MessageTooLarge
@@ -30,7 +29,7 @@ from .shm import layout as L
 from .shm.groupset import name_hash
 from .shm.layout import Q_HEAD, Q_TAIL, STATS_FIELDS
 from .shm.registry import FULL_RING, LINK_DOWN, NO_CHANNEL, OK
-from .stats import ChannelStatistics, Statistics, broker_counts, split
+from .stats import ChannelStatistics, Statistics, broker_counts, bucket_pending, split
 
 _monotonic = time.monotonic
 _perf = time.perf_counter
@@ -136,9 +135,9 @@ class HybridChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         elif r == LINK_DOWN:
             p.count_link_drop(channel)
         elif r == NO_CHANNEL:
-            c.dropped_no_channel += 1
-            limited.warning(
-                "no-channel",
+            c.drop(
+                "no_channel",
+                1,
                 "hybrid_layer: message to %r dropped: no such channel on this "
                 "host (its process is gone, or the name is not one of this layer's)",
                 channel,
@@ -189,9 +188,9 @@ class HybridChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             except msgspec.DecodeError as exc:  # a well-framed record that is no message
                 c = p.counters
                 c.received -= 1
-                c.dropped_malformed += 1
-                limited.warning(
-                    "undecodable",
+                c.drop(
+                    "malformed",
+                    1,
                     "hybrid_layer: undecodable message for %r dropped: %s",
                     channel,
                     exc,
@@ -342,18 +341,30 @@ class HybridChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         return info
 
     def global_statistics(self) -> Statistics:
-        """Counters summed over every live participant of the host (mirrored ~1/s)."""
+        """Counters summed over every live participant of the host (mirrored ~1/s).
+
+        ``pending`` is read live from shared memory, not from the mirror: the messages
+        waiting for a receiver on this host, summed over every live participant's
+        capacity counters (each process channel's and normal channel's ``enq - deq``,
+        the same numbers ``capacity`` is checked against). That covers what waits in
+        inbox rings, in local queues and parked with the leader for a normal channel
+        without a reader. Not in it: a group message still in a member's ring (counted
+        once fanned out) and cross-host messages the leader holds (``broker``'s
+        ``outbound``, ``in_flight``, ``held``); ``ring_used_bytes`` shows the former.
+        """
         p = self._p()
         p.ns.publish_stats(p.counters.values())
         totals = dict.fromkeys(STATS_FIELDS, 0)
         live = p.ns.live_slots()
         ring_used = 0
+        pending = 0
         for i in live:
             for k, v in zip(STATS_FIELDS, p.ns.slot_stats(i), strict=True):
                 totals[k] += v
             sv = p.ns.slot(i)
             if sv is not None:
                 ring_used += sv.ring.used()
+                pending += bucket_pending(sv.bk)
         raised, dropped = split(totals)
         ld = p.ns.leader()
         return Statistics(
@@ -363,7 +374,7 @@ class HybridChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             group_copies=totals["group_copies"],
             raised=raised,
             dropped=dropped,
-            pending=-1,
+            pending=pending,
             ring_used_bytes=ring_used,
             ring_size_bytes=p.own.ring.size * len(live),
             participants=len(live),

@@ -95,7 +95,9 @@ class RateLimited:
         for site, n, span, args in out:
             self.logger.log(
                 site.level,
-                "%d more %s in the last %.0f s (last: " + site.msg + ")",
+                "hybrid_layer: %d more %s in the last %.0f s (last: "
+                + site.msg.removeprefix("hybrid_layer: ")
+                + ")",
                 n,
                 site.kind,
                 span,

@@ -12,6 +12,7 @@ import asyncio
 import atexit
 import logging
 import os
+import signal
 import threading
 import time
 import weakref
@@ -53,6 +54,9 @@ SPIN_MISSES_MAX = 8
 SPIN_BACKOFF = 64
 #: how long ``flush`` waits for every live process to apply it
 FLUSH_WAIT = 2.0
+#: how long the SIGTERM handler waits for the layers to close before the process dies
+#: anyway (below docker's default stop timeout of 10 s; systemd's is 90 s)
+SIGTERM_CLOSE_WAIT = 8.0
 
 
 class HybridChannelLayer(BaseChannelLayer):  # type: ignore[misc]
@@ -75,6 +79,7 @@ class HybridChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         self._spin_skip = 0
         self._attach_lock = threading.Lock()
         _layers.add(self)
+        _install_sigterm_handler()
 
     # ------------------------------------------------------------------ plumbing
     def _p(self) -> Participant:
@@ -85,6 +90,7 @@ class HybridChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             if self._participant is None or self._pid != os.getpid():
                 self._participant = Participant(self.config)
                 self._pid = os.getpid()
+                _install_sigterm_handler()
             self._gen = _fork_gen
             return self._participant
 
@@ -426,6 +432,47 @@ def _close_all_at_exit() -> None:
             layer.close_sync()
         except Exception:  # pragma: no cover - best effort at exit
             logging.getLogger("hybrid_layer").exception("hybrid_layer: close at exit failed")
+
+
+_sigterm_installed = False
+
+
+def _install_sigterm_handler() -> None:
+    """Close the layers on SIGTERM (systemd's and docker's stop signal), where that is
+    safe: only from the main thread, and only while SIGTERM has its default disposition
+    - a handler someone else installed (uvicorn, gunicorn, the application) is never
+    replaced; there the server's own shutdown (the ASGI lifespan wrapper of
+    ``hybrid_layer.asgi``) closes. Installed once per process; a handler installed
+    later by anyone simply replaces it."""
+    global _sigterm_installed
+    if _sigterm_installed or threading.current_thread() is not threading.main_thread():
+        return
+    try:
+        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+            return
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    except (ValueError, OSError):  # (not the main interpreter, no signals here)
+        return
+    _sigterm_installed = True
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    """Leave the namespace (the last process out removes the names, another frees its
+    slot at once), then die of SIGTERM as if there had been no handler: same exit
+    status, same meaning for the supervisor. The close runs in a thread and gets at
+    most ``SIGTERM_CLOSE_WAIT`` s: the main thread may have been interrupted holding
+    one of the layer's locks; then the process dies without a clean close, as with
+    SIGKILL, and the leader reclaims its slot. A second SIGTERM ends it at once."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    closer = threading.Thread(target=_close_all_at_exit, name="hybrid-layer-sigterm", daemon=True)
+    closer.start()
+    closer.join(SIGTERM_CLOSE_WAIT)
+    if closer.is_alive():
+        logging.getLogger("hybrid_layer").warning(
+            "hybrid_layer: SIGTERM: the layers did not close within %.0f s; exiting anyway",
+            SIGTERM_CLOSE_WAIT,
+        )
+    signal.raise_signal(signal.SIGTERM)
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1179,9 +1179,36 @@ class Participant:
             else:
                 with contextlib.suppress(RuntimeError):
                     rloop.call_soon_threadsafe(rloop.remove_reader, bell.fd)
+        self._drop_unread()
         self.ns.publish_stats(self.counters.values())
         self.ns.detach()
         limited.flush(force=True)  # what was suppressed is not left unsaid
+
+    def _drop_unread(self) -> None:
+        """At close: count what is left unread in our queues and inbox ring (detach
+        discards it), so that a close with messages waiting is no silent loss."""
+        with self.lock:
+            left = sum(len(q) for q in self.queues.values())
+            self.queues.clear()
+        ring = self.own.ring
+        with self.ns.ring_locked(self.own):
+            while True:
+                try:
+                    rec = ring.try_read()
+                except RingCorrupt:
+                    left += 1
+                    break
+                if rec is None:
+                    break
+                if rec.kind != L.KIND_CONTROL:
+                    left += 1
+        if left:
+            self.counters.drop(
+                "no_channel",
+                left,
+                "hybrid_layer: %d message(s) left unread in this process's inbox dropped at close",
+                left,
+            )
 
     def close_link_soon(self) -> concurrent.futures.Future[None] | None:
         """Broker mode: publish what is still queued for other hosts, then close the

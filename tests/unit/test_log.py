@@ -41,7 +41,7 @@ def summed(lines: list[str]) -> int:
     """Drops accounted for by the lines: 1 per first line, N per 'N more' summary."""
     total = 0
     for t in lines:
-        m = re.match(r"(\d+) more ", t)
+        m = re.match(r"hybrid_layer: (\d+) more ", t)
         total += int(m.group(1)) if m else 1
     return total
 
@@ -54,7 +54,10 @@ def test_a_storm_is_one_line_then_a_summary_without_a_further_drop() -> None:
     assert lim.flush() == 0  # not due yet
     time.sleep(0.25)
     assert lim.flush() == 1  # no further drop came: the flush writes the summary
-    assert h.text[1] == "473 more full drops in the last 0 s (last: copy for 'c473' dropped: full)"
+    assert (
+        h.text[1]
+        == "hybrid_layer: 473 more full drops in the last 0 s (last: copy for 'c473' dropped: full)"
+    )
     assert lim.flush() == 0 and len(h.text) == 2  # said once
 
 
@@ -67,9 +70,9 @@ def test_sites_and_reasons_are_limited_apart() -> None:
     assert h.text == ["a x", "a x", "b y"]
     assert lim.flush(force=True) == 3
     assert sorted(h.text[3:]) == [
-        "2 more full drops in the last 0 s (last: a x)",
-        "2 more full drops in the last 0 s (last: b y)",
-        "4 more expired drops in the last 0 s (last: a x)",
+        "hybrid_layer: 2 more full drops in the last 0 s (last: a x)",
+        "hybrid_layer: 2 more full drops in the last 0 s (last: b y)",
+        "hybrid_layer: 4 more expired drops in the last 0 s (last: a x)",
     ]
     assert [r.levelno for r in h.records[3:]].count(logging.INFO) == 1
 
@@ -96,7 +99,7 @@ def test_every_drop_is_accounted_for_exactly(events: list[tuple[int, int, bool]]
             lim.flush()
     lim.flush(force=True)
     # a first line counts 1 drop of its event; its other n-1 are not in it: count events
-    firsts = [t for t in h.text if not re.match(r"\d+ more ", t)]
+    firsts = [t for t in h.text if not re.match(r"hybrid_layer: \d+ more ", t)]
     n_of_first = sum(int(t.split()[1]) for t in firsts)
     assert n_of_first + summed([t for t in h.text if t not in firsts]) == total
 

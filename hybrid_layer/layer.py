@@ -473,6 +473,10 @@ def _on_sigterm(signum: int, frame: object) -> None:
             SIGTERM_CLOSE_WAIT,
         )
     signal.raise_signal(signal.SIGTERM)
+    # still here: the default disposition ignores SIGTERM, which the kernel does for a
+    # namespace's init - python as PID 1 in a container without --init. Exit as a
+    # SIGTERM'd process would (a closed layer must not go on serving)
+    os._exit(128 + signal.SIGTERM)
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -149,3 +149,32 @@ def test_no_handler_from_another_thread(layer_config: dict[str, Any]) -> None:
         env={**os.environ, "PYTHONPATH": os.getcwd()},
     )
     assert p.stdout.strip() == "disposition True", p
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.exists("/usr/bin/unshare"), reason="needs root and unshare"
+)
+def test_python_as_pid_1_still_exits(layer_config: dict[str, Any]) -> None:
+    """In a container without --init, python is PID 1 and the kernel ignores a SIGTERM
+    it has no handler for: after closing, the process exits with status 143."""
+    p = subprocess.Popen(
+        ["unshare", "--pid", "--fork", sys.executable, "-c", WORKER, json.dumps(layer_config), "x"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )
+    try:
+        assert p.stdout is not None
+        line = p.stdout.readline()
+        if not line.startswith("ready"):
+            pytest.skip(f"no PID namespace here: {line!r} {p.stderr.read()}")  # type: ignore[union-attr]
+        assert line.split() == ["ready", "1"]
+        with open(f"/proc/{p.pid}/task/{p.pid}/children") as f:
+            (child,) = (int(x) for x in f.read().split())
+        os.kill(child, signal.SIGTERM)
+        p.wait(15)
+        assert p.returncode == 128 + signal.SIGTERM, p.stderr.read()  # type: ignore[union-attr]
+        assert _ours(layer_config["prefix"]) == []
+    finally:
+        stop(p)

@@ -12,6 +12,7 @@ import asyncio
 import atexit
 import logging
 import os
+import signal
 import threading
 import time
 import weakref
@@ -20,7 +21,6 @@ from typing import Any, ClassVar
 import msgspec
 from channels.layers import BaseChannelLayer
 
-from ._log import limited
 from .config import LayerConfig, parse_config, shm_dir_problem
 from .envelope import decode_message, encode_message
 from .errors import ChannelFull, ChannelNotOwned, MessageTooLarge
@@ -30,7 +30,7 @@ from .shm import layout as L
 from .shm.groupset import name_hash
 from .shm.layout import Q_HEAD, Q_TAIL, STATS_FIELDS
 from .shm.registry import FULL_RING, LINK_DOWN, NO_CHANNEL, OK
-from .stats import ChannelStatistics, Statistics, broker_counts, split
+from .stats import ChannelStatistics, Statistics, broker_counts, bucket_pending, split
 
 _monotonic = time.monotonic
 _perf = time.perf_counter
@@ -54,6 +54,9 @@ SPIN_MISSES_MAX = 8
 SPIN_BACKOFF = 64
 #: how long ``flush`` waits for every live process to apply it
 FLUSH_WAIT = 2.0
+#: how long the SIGTERM handler waits for the layers to close before the process dies
+#: anyway (below docker's default stop timeout of 10 s; systemd's is 90 s)
+SIGTERM_CLOSE_WAIT = 8.0
 
 
 class HybridChannelLayer(BaseChannelLayer):  # type: ignore[misc]
@@ -80,6 +83,7 @@ class HybridChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         self._attach_lock = threading.Lock()
         self._finalizer: weakref.finalize[Any, Any] | None = None
         _layers.add(self)
+        _install_sigterm_handler()
 
     # ------------------------------------------------------------------ plumbing
     def _p(self) -> Participant:
@@ -93,6 +97,7 @@ class HybridChannelLayer(BaseChannelLayer):  # type: ignore[misc]
                 # dropped without close() (a test building a layer per test, Django's
                 # override_settings): leave the namespace when the object is collected
                 self._finalizer = weakref.finalize(self, _release_collected, p)
+                _install_sigterm_handler()
             self._gen = _fork_gen
             return self._participant
 
@@ -146,9 +151,9 @@ class HybridChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         elif r == LINK_DOWN:
             p.count_link_drop(channel)
         elif r == NO_CHANNEL:
-            c.dropped_no_channel += 1
-            limited.warning(
-                "no-channel",
+            c.drop(
+                "no_channel",
+                1,
                 "hybrid_layer: message to %r dropped: no such channel on this "
                 "host (its process is gone, or the name is not one of this layer's)",
                 channel,
@@ -211,9 +216,9 @@ class HybridChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             except msgspec.DecodeError as exc:  # a well-framed record that is no message
                 c = p.counters
                 c.received -= 1
-                c.dropped_malformed += 1
-                limited.warning(
-                    "undecodable",
+                c.drop(
+                    "malformed",
+                    1,
                     "hybrid_layer: undecodable message for %r dropped: %s",
                     channel,
                     exc,
@@ -370,18 +375,30 @@ class HybridChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         return info
 
     def global_statistics(self) -> Statistics:
-        """Counters summed over every live participant of the host (mirrored ~1/s)."""
+        """Counters summed over every live participant of the host (mirrored ~1/s).
+
+        ``pending`` is read live from shared memory, not from the mirror: the messages
+        waiting for a receiver on this host, summed over every live participant's
+        capacity counters (each process channel's and normal channel's ``enq - deq``,
+        the same numbers ``capacity`` is checked against). That covers what waits in
+        inbox rings, in local queues and parked with the leader for a normal channel
+        without a reader. Not in it: a group message still in a member's ring (counted
+        once fanned out) and cross-host messages the leader holds (``broker``'s
+        ``outbound``, ``in_flight``, ``held``); ``ring_used_bytes`` shows the former.
+        """
         p = self._p()
         p.ns.publish_stats(p.counters.values())
         totals = dict.fromkeys(STATS_FIELDS, 0)
         live = p.ns.live_slots()
         ring_used = 0
+        pending = 0
         for i in live:
             for k, v in zip(STATS_FIELDS, p.ns.slot_stats(i), strict=True):
                 totals[k] += v
             sv = p.ns.slot(i)
             if sv is not None:
                 ring_used += sv.ring.used()
+                pending += bucket_pending(sv.bk)
         raised, dropped = split(totals)
         ld = p.ns.leader()
         return Statistics(
@@ -391,7 +408,7 @@ class HybridChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             group_copies=totals["group_copies"],
             raised=raised,
             dropped=dropped,
-            pending=-1,
+            pending=pending,
             ring_used_bytes=ring_used,
             ring_size_bytes=p.own.ring.size * len(live),
             participants=len(live),
@@ -465,6 +482,51 @@ def _close_all_at_exit() -> None:
             layer.close_sync()
         except Exception:  # pragma: no cover - best effort at exit
             logging.getLogger("hybrid_layer").exception("hybrid_layer: close at exit failed")
+
+
+_sigterm_installed = False
+
+
+def _install_sigterm_handler() -> None:
+    """Close the layers on SIGTERM (systemd's and docker's stop signal), where that is
+    safe: only from the main thread, and only while SIGTERM has its default disposition
+    - a handler someone else installed (uvicorn, gunicorn, the application) is never
+    replaced; there the server's own shutdown (the ASGI lifespan wrapper of
+    ``hybrid_layer.asgi``) closes. Installed once per process; a handler installed
+    later by anyone simply replaces it."""
+    global _sigterm_installed
+    if _sigterm_installed or threading.current_thread() is not threading.main_thread():
+        return
+    try:
+        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+            return
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    except (ValueError, OSError):  # (not the main interpreter, no signals here)
+        return
+    _sigterm_installed = True
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    """Leave the namespace (the last process out removes the names, another frees its
+    slot at once), then die of SIGTERM as if there had been no handler: same exit
+    status, same meaning for the supervisor. The close runs in a thread and gets at
+    most ``SIGTERM_CLOSE_WAIT`` s: the main thread may have been interrupted holding
+    one of the layer's locks; then the process dies without a clean close, as with
+    SIGKILL, and the leader reclaims its slot. A second SIGTERM ends it at once."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    closer = threading.Thread(target=_close_all_at_exit, name="hybrid-layer-sigterm", daemon=True)
+    closer.start()
+    closer.join(SIGTERM_CLOSE_WAIT)
+    if closer.is_alive():
+        logging.getLogger("hybrid_layer").warning(
+            "hybrid_layer: SIGTERM: the layers did not close within %.0f s; exiting anyway",
+            SIGTERM_CLOSE_WAIT,
+        )
+    signal.raise_signal(signal.SIGTERM)
+    # still here: the default disposition ignores SIGTERM, which the kernel does for a
+    # namespace's init - python as PID 1 in a container without --init. Exit as a
+    # SIGTERM'd process would (a closed layer must not go on serving)
+    os._exit(128 + signal.SIGTERM)
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

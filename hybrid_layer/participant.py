@@ -70,6 +70,8 @@ BIND_WAIT = 2.0
 #: how long close() waits for the link to publish what is queued and close
 LINK_CLOSE_WAIT = 6.0
 LOCAL_DEST_MAX = 65_536
+#: the log line of an expired message: channel, where it waited, the expiry
+_EXPIRED = "hybrid_layer: message for %r expired unread (%s, expiry %s s)"
 
 
 class Item(NamedTuple):
@@ -98,8 +100,9 @@ class Participant:
         self.own: SlotView = self.ns.own
         self.counters = Counters()
         if self.ns.claimed_dropped:  # our slot's dead owner had left messages unread
-            self.counters.dropped_dead_reader += self.ns.claimed_dropped
-            log.warning(
+            self.counters.drop(
+                "dead_reader",
+                self.ns.claimed_dropped,
                 "hybrid_layer: took over slot %d of a dead process (%d unread messages dropped)",
                 self.ns.me,
                 self.ns.claimed_dropped,
@@ -274,9 +277,9 @@ class Participant:
             return True
 
     def count_link_drop(self, name: str) -> None:
-        self.counters.dropped_link_down += 1
-        limited.warning(
-            "link-down",
+        self.counters.drop(
+            "link_down",
+            1,
             "hybrid_layer: message for %r (another host) dropped: the RabbitMQ link is down",
             name,
         )
@@ -338,9 +341,9 @@ class Participant:
         for sv in self.ns.slots_with(h):
             r = self.ns.write(sv, 0, L.KIND_GROUP, name_b, expires_at, msg, -1, 0, True)
             if r == FULL_RING:
-                c.dropped_full += 1
-                limited.warning(
-                    "group-full",
+                c.drop(
+                    "full",
+                    1,
                     "hybrid_layer: group %r message dropped: inbox of slot %d is full",
                     group,
                     sv.index,
@@ -633,7 +636,12 @@ class Participant:
             )
             for item in items:
                 if item.expires_at < _monotonic():
-                    self.counters.dropped_expired += 1
+                    self.counters.drop(
+                        "expired",
+                        1,
+                        "hybrid_layer: message for normal channel %r expired while handed back",
+                        channel,
+                    )
                     continue
                 r = self.send_normal(
                     channel, memoryview(item.body)[item.name_len :], item.expires_at
@@ -659,7 +667,7 @@ class Participant:
                 if item.bucket >= 0:
                     self._deq(item.bucket, 1)
                 if item.expires_at < now:
-                    c.dropped_expired += 1
+                    c.drop("expired", 1, _EXPIRED, channel, "in its queue", self.cfg.expiry)
                     continue
                 if not q:
                     del self.queues[channel]
@@ -804,8 +812,9 @@ class Participant:
                 try:
                     rec = ring.try_read()
                 except RingCorrupt as exc:
-                    self.counters.dropped_corrupt += 1
-                    limited.warning("corrupt", "hybrid_layer: inbox reset: %s", exc)
+                    self.counters.drop(
+                        "corrupt", 1, "hybrid_layer: inbox reset (unread records lost): %s", exc
+                    )
                     with self.ns.ring_locked(self.own):
                         ring.reset()
                         self._resync_buckets()
@@ -815,9 +824,16 @@ class Participant:
                 n += 1
                 try:
                     self._dispatch(rec, pos, upto, now, loop)
-                except Exception:  # never let one bad record stop the pump
-                    self.counters.dropped_corrupt += 1
-                    log.exception("hybrid_layer: cannot dispatch a %s record", rec.kind)
+                except Exception as exc:  # never let one bad record stop the pump
+                    self.counters.drop(
+                        "corrupt",
+                        1,
+                        "hybrid_layer: a kind-%s record for %r dropped: cannot dispatch it: %r",
+                        rec.kind,
+                        rec.name,
+                        exc,
+                    )
+                    log.debug("hybrid_layer: dispatch failure", exc_info=True)
         if self.flush_acked != self.flush_seen:
             self._ack_flush()
         return n
@@ -855,9 +871,9 @@ class Participant:
                 with self.lock:
                     self._deq(bucket, 1)
             if pos < upto:
-                c.dropped_flushed += 1
+                c.drop("flushed", 1, "hybrid_layer: message for %r flushed unread", rec.name)
             else:
-                c.dropped_expired += 1
+                c.drop("expired", 1, _EXPIRED, rec.name, "in the inbox", self.cfg.expiry)
             return
         if kind == L.KIND_DIRECT:
             item = Item(
@@ -902,9 +918,9 @@ class Participant:
             if got == LINK_DOWN:
                 self.count_link_drop(name)
             elif got == FULL_RING:
-                self.counters.dropped_full += 1
-                limited.warning(
-                    "out-full",
+                self.counters.drop(
+                    "full",
+                    1,
                     "hybrid_layer: message for %r (another host) dropped: the leader's "
                     "outbound queue is full (the broker does not keep up)",
                     name,
@@ -928,11 +944,11 @@ class Participant:
 
     def _count_forward_failure(self, r: int, name: str) -> None:
         if r in (FULL_CHANNEL, FULL_RING):
-            self.counters.dropped_full += 1
-            limited.warning("fwd-full", "hybrid_layer: copy for %r dropped: full", name)
+            self.counters.drop("full", 1, "hybrid_layer: copy for %r dropped: full", name)
         else:
-            self.counters.dropped_no_channel += 1
-            limited.warning("fwd-none", "hybrid_layer: copy for %r dropped: no reader", name)
+            self.counters.drop(
+                "no_channel", 1, "hybrid_layer: copy for %r dropped: no reader", name
+            )
 
     def _fan_out(self, rec: Any, pos: int, loop: asyncio.AbstractEventLoop | None) -> None:
         group = rec.name
@@ -958,7 +974,14 @@ class Participant:
                         others.append(channel)
                         continue
                     if dest.address.bucket >= self.K:
-                        c.dropped_no_channel += 1
+                        c.drop(
+                            "no_channel",
+                            1,
+                            "hybrid_layer: group %r copy for %r dropped: not a channel of "
+                            "this layer (bucket out of range)",
+                            group,
+                            channel,
+                        )
                         continue
                     hit = self._remember_local(channel, dest.address)
                 elif hit[0] != me or hit[1] != gen:  # another process's channel
@@ -966,9 +989,9 @@ class Participant:
                     continue
                 _, _, _, bucket, cap = hit
                 if own_pending(bucket) >= cap:
-                    c.dropped_full += 1
-                    limited.warning(
-                        "grp-full",
+                    c.drop(
+                        "full",
+                        1,
                         "hybrid_layer: group %r copy for %r dropped: channel full",
                         group,
                         channel,
@@ -1026,7 +1049,7 @@ class Participant:
                 if item.expires_at < now:
                     with self.lock:
                         self._deq(item.bucket, 1)
-                    self.counters.dropped_expired += 1
+                    self.counters.drop("expired", 1, _EXPIRED, channel, "parked", self.cfg.expiry)
                     continue
                 if channel in self.readers:  # we read it ourselves
                     with self.lock:
@@ -1088,8 +1111,9 @@ class Participant:
             pid = self.ns.reg_slot(i)[2]
             n = self.ns.reclaim(i, salvage if self.cfg.broker else None)
             if n >= 0:
-                self.counters.dropped_dead_reader += n
-                log.warning(
+                self.counters.drop(
+                    "dead_reader",
+                    n,
                     "hybrid_layer: reclaimed slot %d of dead process %d (%d unread messages "
                     "dropped, its group memberships released)",
                     i,
@@ -1130,11 +1154,20 @@ class Participant:
                 for channel in list(store):
                     q = store[channel]
                     kept = deque(i for i in q if i.pos >= upto)
+                    n = 0
                     for item in q:
                         if item.pos < upto:
-                            c.dropped_flushed += 1
+                            n += 1
                             if item.bucket >= 0:
                                 self._deq(item.bucket, 1)
+                    if n:
+                        c.drop(
+                            "flushed",
+                            n,
+                            "hybrid_layer: %d queued message(s) for %r flushed",
+                            n,
+                            channel,
+                        )
                     if kept:
                         store[channel] = kept
                     else:
@@ -1154,11 +1187,15 @@ class Participant:
             for store in (self.queues, self.parked):
                 for channel in list(store):
                     q = store[channel]
+                    n = 0
                     while q and q[0].expires_at < now:
                         item = q.popleft()
-                        c.dropped_expired += 1
+                        n += 1
                         if item.bucket >= 0:
                             self._deq(item.bucket, 1)
+                    if n:
+                        where = "parked" if store is self.parked else "in its queue"
+                        c.drop("expired", n, _EXPIRED, channel, where, self.cfg.expiry)
                     if not q:
                         del store[channel]
 
@@ -1189,8 +1226,9 @@ class Participant:
             dropped = sum(len(q) for q in self.parked.values())
             self.parked.clear()
             if dropped:
-                self.counters.dropped_no_channel += dropped
-                log.warning(
+                self.counters.drop(
+                    "no_channel",
+                    dropped,
                     "hybrid_layer: %d messages parked for normal channels without a reader "
                     "dropped at close",
                     dropped,
@@ -1216,8 +1254,36 @@ class Participant:
             else:
                 with contextlib.suppress(RuntimeError):
                     rloop.call_soon_threadsafe(rloop.remove_reader, bell.fd)
+        self._drop_unread()
         self.ns.publish_stats(self.counters.values())
         self.ns.detach()
+        limited.flush(force=True)  # what was suppressed is not left unsaid
+
+    def _drop_unread(self) -> None:
+        """At close: count what is left unread in our queues and inbox ring (detach
+        discards it), so that a close with messages waiting is no silent loss."""
+        with self.lock:
+            left = sum(len(q) for q in self.queues.values())
+            self.queues.clear()
+        ring = self.own.ring
+        with self.ns.ring_locked(self.own):
+            while True:
+                try:
+                    rec = ring.try_read()
+                except RingCorrupt:
+                    left += 1
+                    break
+                if rec is None:
+                    break
+                if rec.kind != L.KIND_CONTROL:
+                    left += 1
+        if left:
+            self.counters.drop(
+                "no_channel",
+                left,
+                "hybrid_layer: %d message(s) left unread in this process's inbox dropped at close",
+                left,
+            )
 
     def close_link_soon(self) -> concurrent.futures.Future[None] | None:
         """Broker mode: publish what is still queued for other hosts, then close the
@@ -1242,7 +1308,13 @@ class Participant:
             await link.aclose()  # hand-offs keep reaching it until it stops taking them
             self.link = None
         if self.early_out:
-            self.counters.dropped_link_down += len(self.early_out)
+            self.counters.drop(
+                "link_down",
+                len(self.early_out),
+                "hybrid_layer: %d message(s) for other hosts dropped at close: the RabbitMQ "
+                "link never came up",
+                len(self.early_out),
+            )
             self.early_out.clear()
 
     def abandon(self) -> None:
@@ -1344,6 +1416,7 @@ class HostThread(threading.Thread):
                 p.watch_link()
             if p.readers:
                 p.hand_back_idle()
+            limited.flush()  # the suppressed drops' summaries that are due (a peek if none)
             if now >= self._next_sweep:
                 self._next_sweep = now + SWEEP_EVERY
                 p.drain(None)

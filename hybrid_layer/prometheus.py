@@ -99,6 +99,9 @@ def metrics(g: Statistics, prefix: str, host_id: str) -> Iterator[Metric]:
     for reason, v in sorted(g.dropped.items()):
         dropped.add_metric([*base, reason], v)
     yield dropped
+    yield gauge(
+        "pending", "Messages waiting for a receiver on the host (global_statistics)", g.pending
+    )
     yield gauge("ring_used_bytes", "Bytes waiting in the host's rings", g.ring_used_bytes)
     yield gauge("ring_size_bytes", "Size of the host's rings", g.ring_size_bytes)
     yield gauge("participants", "Processes attached to the host's namespace", g.participants)

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._log import limited
 from .shm.layout import STATS_FIELDS
+
+#: every reason a message can be dropped for (``Statistics.dropped``'s keys)
+DROP_REASONS = tuple(f[len("dropped_") :] for f in STATS_FIELDS if f.startswith("dropped_"))
+_DROP_FIELD = {r: "dropped_" + r for r in DROP_REASONS}
+#: a flush is asked for: what it empties is logged at INFO, every other drop at WARNING
+_DROP_LEVEL = {r: logging.INFO if r == "flushed" else logging.WARNING for r in DROP_REASONS}
 
 
 class Counters:
@@ -16,6 +25,13 @@ class Counters:
     def __init__(self) -> None:
         for f in STATS_FIELDS:
             setattr(self, f, 0)
+
+    def drop(self, reason: str, n: int, msg: str, *args: object) -> None:
+        """Count ``n`` messages dropped for ``reason`` and log it, rate-limited per site
+        (``msg`` % ``args`` says what and why; see ``_log``). Every drop goes here."""
+        f = _DROP_FIELD[reason]
+        setattr(self, f, getattr(self, f) + n)
+        limited.dropped(reason, n, msg, args, _DROP_LEVEL[reason])
 
     def values(self) -> tuple[int, ...]:
         return tuple(getattr(self, f) for f in STATS_FIELDS)
@@ -36,6 +52,13 @@ class Statistics:
     ``symmetric_encryption_keys`` no valid token, a replay, sealed for another route;
     or a group copy with a spoofed origin). ``send()`` raising
     ``ChannelFull`` or ``MessageTooLarge`` is counted in ``raised``, not ``dropped``.
+    In broker mode also ``link_down``, ``remote_full``, ``malformed`` (a message that
+    decodes to no valid message) and ``too_large``. Every drop is also logged
+    (rate-limited: the first at once, then a summary with the exact count per 10 s).
+
+    ``pending``: messages waiting to be received - for ``statistics()`` those of this
+    process's channels, for ``global_statistics()`` those of every live participant of
+    the host (see there for exactly what is and is not included).
     """
 
     sent: int
@@ -77,3 +100,15 @@ def split(values: dict[str, int]) -> tuple[dict[str, int], dict[str, int]]:
 def broker_counts(values: dict[str, int]) -> dict[str, int]:
     """published, confirmed, returned, received, reconnects (the leader's link)."""
     return {k[len("broker_") :]: v for k, v in values.items() if k.startswith("broker_")}
+
+
+def bucket_pending(bk: Sequence[int]) -> int:
+    """Messages counted against one slot's capacity buckets (``bk[2b]`` enq,
+    ``bk[2b+1]`` deq; a difference read negative, mid-update, counts 0)."""
+    total = 0
+    for enq, deq in zip(bk[0::2], bk[1::2], strict=True):
+        if enq != deq:
+            d = (enq - deq) & 0xFFFFFFFF
+            if d < 0x80000000:
+                total += d
+    return total

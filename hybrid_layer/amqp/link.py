@@ -517,9 +517,9 @@ class Link:
             self._popleft()
             n += 1
         if n:
-            self.p.counters.dropped_expired += n
-            limited.warning(
-                "out-expired",
+            self.p.counters.drop(
+                "expired",
+                n,
                 "hybrid_layer: %d cross-host message(s) expired waiting for the link",
                 n,
             )
@@ -592,16 +592,22 @@ class Link:
                 continue
             del self.unconfirmed[seq]
             if pub.kind == L.KIND_OUT_NORMAL:
-                c.dropped_link_down += pub.n
-                limited.warning(
-                    "link-drop",
+                c.drop(
+                    "link_down",
+                    pub.n,
                     "hybrid_layer: %d message(s) to normal channel %r unconfirmed when the "
                     "link died: dropped (maybe delivered)",
                     pub.n,
                     pub.name,
                 )
             elif pub.until <= now:
-                c.dropped_expired += pub.n
+                c.drop(
+                    "expired",
+                    pub.n,
+                    "hybrid_layer: %d message(s) to %r expired unconfirmed when the link died",
+                    pub.n,
+                    pub.name,
+                )
             elif pub.dest[1] in self.retry and self.probing.get(pub.dest[1]) is not pub:
                 self._keep_for_retry(pub)  # behind (or among) what waits for its queue
             else:
@@ -719,14 +725,20 @@ class Link:
         for _, fname, payload, expires_at, _ in batch:
             remaining = expires_at - now_mono
             if remaining <= 0:
-                c.dropped_expired += 1
+                c.drop("expired", 1, "hybrid_layer: message to %r expired before publish", fname)
                 continue
             longest = max(longest, remaining)
             frames.append(wire.encode(wkind, cfg.host_id, fname, now_wall + remaining, payload))
         if not frames:
             return None
         if dest is None:
-            c.dropped_no_channel += len(frames)
+            c.drop(
+                "no_channel",
+                len(frames),
+                "hybrid_layer: %d message(s) to %r dropped: no destination on the broker",
+                len(frames),
+                name,
+            )
             return None
         body = frames[0] if len(frames) == 1 else wire.encode_batch(frames)
         pub = Pub(kind, name, key, dest, body, len(frames), now_mono + longest)
@@ -784,9 +796,9 @@ class Link:
                     )
                 )
         except Exception as exc:  # not published: counted, never lost silently
-            c.dropped_link_down += pub.n
-            limited.warning(
-                "publish-failed",
+            c.drop(
+                "link_down",
+                pub.n,
                 "hybrid_layer: %d message(s) to %r dropped: cannot publish (%s: %s)",
                 pub.n,
                 pub.name,
@@ -835,7 +847,13 @@ class Link:
         else:  # a group's (several queues: some may have taken it), or out of time
             if probe:
                 self._schedule_probe(rk)
-            c.dropped_remote_full += n
+            c.drop(
+                "remote_full",
+                n,
+                "hybrid_layer: %d message(s) to %r dropped: RabbitMQ rejected them (nack)",
+                n,
+                pub.name,
+            )
             self._diagnose_nack(pub)
             if key is not None:
                 self._flag_full(key)
@@ -874,9 +892,9 @@ class Link:
 
     def _drop_unroutable(self, pub: Pub) -> None:
         if pub.nacked:
-            self.p.counters.dropped_remote_full += pub.n
-            limited.warning(
-                "remote-full-expired",
+            self.p.counters.drop(
+                "remote_full",
+                pub.n,
                 "hybrid_layer: %d message(s) to %r dropped: its queue %r kept rejecting "
                 "them (full or failing) until they expired",
                 pub.n,
@@ -884,9 +902,9 @@ class Link:
                 pub.dest[1],
             )
             return
-        self.p.counters.dropped_no_channel += pub.n
-        limited.warning(
-            "remote-none",
+        self.p.counters.drop(
+            "no_channel",
+            pub.n,
             "hybrid_layer: %d message(s) to %r dropped: no queue %r on the broker "
             "(that host has not been up within the message's expiry)",
             pub.n,
@@ -1134,7 +1152,11 @@ class Link:
 
     async def _purge(self) -> None:
         """flush(): empty what this host owns on the broker (and holds for its readers)."""
-        self.p.counters.dropped_flushed += self._take_all() + self._clear_held()
+        n = self._take_all() + self._clear_held()
+        if n:
+            self.p.counters.drop(
+                "flushed", n, "hybrid_layer: %d message(s) for or from other hosts flushed", n
+            )
         with contextlib.suppress(Exception):
             await self.ch.queue_purge(self.queue)
         for h in set(self.consuming) | set(self.declared):
@@ -1143,15 +1165,14 @@ class Link:
 
     # ---------------------------------------------------------------- inbound
     def _malformed(self, why: object) -> None:
-        self.p.counters.dropped_malformed += 1
-        limited.warning(
-            "malformed", "hybrid_layer: malformed message from the broker dropped: %s", why
+        self.p.counters.drop(
+            "malformed", 1, "hybrid_layer: malformed message from the broker dropped: %s", why
         )
 
     def _unauthenticated(self, why: object, n: int = 1) -> None:
-        self.p.counters.dropped_unauthenticated += n
-        limited.warning(
+        self.p.counters.drop(
             "unauthenticated",
+            n,
             "hybrid_layer: %d message(s) from the broker refused (unauthenticated): %s",
             n,
             why,
@@ -1202,7 +1223,14 @@ class Link:
         """Local deadline of a frame, or ``None`` if it has expired (counted)."""
         remaining = frame.expires_wall - time.time()
         if remaining <= 0:
-            self.p.counters.dropped_expired += 1
+            self.p.counters.drop(
+                "expired",
+                1,
+                "hybrid_layer: message from the broker for %r arrived expired (%.1f s late: "
+                "a slow link, a backlog, or clocks of the hosts apart)",
+                frame.name,
+                -remaining,
+            )
             return None
         self.p.counters.broker_received += 1
         return time.monotonic() + min(remaining, self.cfg.expiry)
@@ -1215,9 +1243,9 @@ class Link:
         return ids[0] == self.nonce or self.dedup.is_own(entry)
 
     def _too_large(self, size: int) -> None:
-        self.p.counters.dropped_too_large += 1
-        limited.warning(
-            "too-large",
+        self.p.counters.drop(
+            "too_large",
+            1,
             "hybrid_layer: a %d-byte message from the broker dropped: over this host's "
             "max_message_bytes (%d); every host must use the same max_message_bytes",
             size,
@@ -1239,8 +1267,13 @@ class Link:
             self.held_total >= HOLD_MAX + self._prefetch * PUBLISH_BATCH_MAX
             or self.held_bytes >= 2 * HOLD_BYTES
         ):
-            self.p.counters.dropped_full += 1
-            limited.warning("held-full", "hybrid_layer: copy for %r dropped: full", channel)
+            self.p.counters.drop(
+                "full",
+                1,
+                "hybrid_layer: message from the broker for %r dropped: too many held for "
+                "busy readers",
+                channel,
+            )
             return
         if self.held_total == 0:
             self._held_epoch = self.p.ns.flush_epoch()
@@ -1255,14 +1288,23 @@ class Link:
         p = self.p
         if self.held_total and p.ns.flush_epoch() != self._held_epoch:
             # flush() freed the readers' capacity: what was held before it goes too
-            p.counters.dropped_flushed += self._clear_held()
+            n = self._clear_held()
+            p.counters.drop(
+                "flushed", n, "hybrid_layer: %d held message(s) from other hosts flushed", n
+            )
         now = time.monotonic()
         for channel in list(self.held):
             q = self.held[channel]
             while q:
                 payload, expires_at = q[0]
                 if expires_at < now:
-                    p.counters.dropped_expired += 1
+                    p.counters.drop(
+                        "expired",
+                        1,
+                        "hybrid_layer: message from the broker for %r expired while held "
+                        "for its busy reader",
+                        channel,
+                    )
                 else:
                     r = p.deliver_direct(channel, payload, expires_at)
                     if r in (FULL_CHANNEL, FULL_RING):
@@ -1291,8 +1333,7 @@ class Link:
             self._retry_handle = None
         n = self._clear_held()
         if n:
-            self.p.counters.dropped_full += n
-            limited.warning("held-drop", "hybrid_layer: %d held messages dropped: %s", n, why)
+            self.p.counters.drop("full", n, "hybrid_layer: %d held messages dropped: %s", n, why)
 
     def _ack_later(self, msg: DeliveredMessage) -> None:
         """One ``basic.ack(multiple)`` per burst of deliveries (held back while too many
@@ -1421,12 +1462,8 @@ class Link:
                 frame: wire.Frame | None = wire.decode(data)
             except wire.WireError:
                 frame = None
-            if reason == "expired":
-                c.dropped_expired += 1
-                if frame is not None and frame.expires_wall > now + 1.0:
-                    early += 1
-            else:
-                c.dropped_remote_full += 1
+            if reason == "expired" and frame is not None and frame.expires_wall > now + 1.0:
+                early += 1
         n = len(frames)
         key = "expired_early" if early else str(reason)
         self.dead_lettered[key] = self.dead_lettered.get(key, 0) + n
@@ -1444,7 +1481,13 @@ class Link:
                 "max-length-bytes (overflow drop-head) or delivery-limit on queue "
                 f"{self.queue}: rabbitmqctl list_policies"
             )
-        limited.warning(f"dead-{key}", "hybrid_layer: %d message(s) to this host %s", n, why)
+        c.drop(
+            "expired" if reason == "expired" else "remote_full",
+            n,
+            "hybrid_layer: %d message(s) to this host %s",
+            n,
+            why,
+        )
 
     async def _on_normal_message(self, msg: DeliveredMessage) -> None:
         """One message from a normal channel's shared queue.
@@ -1534,7 +1577,15 @@ class Link:
         with contextlib.suppress(BaseException):
             await self.task
         await self._drop_connection()
-        self.p.counters.dropped_link_down += self._take_all()
+        n = self._take_all()
+        if n:
+            self.p.counters.drop(
+                "link_down",
+                n,
+                "hybrid_layer: %d message(s) for other hosts dropped: the link closed "
+                "before they were published",
+                n,
+            )
         self._set_state(L.LINK_NONE)
 
     def info(self) -> dict[str, Any]:

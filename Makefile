@@ -56,6 +56,12 @@ bench: $(STAMP)
 	  || echo "make bench: could not set up $(RMQ_VENV); rabbitmq will be skipped" >&2
 	$(BIN)/python benchmarks/bench.py --rabbitmq-python $(RMQ_VENV)/bin/python $(BENCH_ARGS)
 
+# the peers' own layer tests (channels 4.3.2, channels_redis 4.3.0) against hybrid_layer,
+# single host and broker mode (needs RabbitMQ); see tests/PEER_SUITES.md
+.PHONY: peers
+peers: $(STAMP)
+	$(BIN)/python tests/peers/run_peer_suites.py $(PEERS_ARGS)
+
 lint: $(STAMP)
 	$(BIN)/ruff check hybrid_layer tests benchmarks
 	$(BIN)/ruff format --check hybrid_layer

@@ -1338,6 +1338,25 @@ def _fail_closed(fut: asyncio.Future[None]) -> None:
         fut.set_exception(LayerClosed("the channel layer was closed while receiving"))
 
 
+def _finish_tasks(loop: asyncio.AbstractEventLoop) -> None:
+    """Before the host loop closes: cancel what still runs on it (a link that was still
+    connecting, aiormq's reader and writer) and let it unwind, as ``asyncio.run`` does,
+    so nothing is left pending ("Task was destroyed but it is pending", a coroutine
+    finalised after its loop closed)."""
+    try:
+        tasks = asyncio.all_tasks(loop)
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            loop.run_until_complete(asyncio.wait(tasks, timeout=2.0))
+        for t in tasks:
+            if t.done() and not t.cancelled():
+                t.exception()  # (retrieved: not logged as "never retrieved")
+        loop.run_until_complete(loop.shutdown_asyncgens())
+    except Exception:  # never let the thread's exit fail
+        log.debug("hybrid_layer: unwinding the host loop's tasks failed", exc_info=True)
+
+
 class HostThread(threading.Thread):
     """Per-process background loop: leader election, housekeeping, rescue drains.
 
@@ -1366,6 +1385,7 @@ class HostThread(threading.Thread):
         finally:
             with contextlib.suppress(Exception):
                 loop.remove_reader(fd)
+            _finish_tasks(loop)
             loop.close()
 
     def start(self) -> None:

@@ -2,9 +2,10 @@
 
 Suites:
 - ``channels``: channels 4.3.2's ``tests/test_inmemorychannel.py``, ``test_layers.py`` and
-  ``test_generic_websocket.py``. channels' sdist ships no tests, so they are kept
-  verbatim (with channels' LICENSE) in ``tests/peers/channels-4.3.2/`` from the 4.3.2
-  tag (commit 15333cd7a59b).
+  ``test_generic_websocket.py``. channels' sdist ships no tests and this project does
+  not copy them, so this suite runs only when given a checkout of channels' ``tests/``
+  folder at that tag (``--channels-tests DIR`` or ``HYBRID_LAYER_CHANNELS_TESTS``);
+  without one it is skipped, saying so.
 - ``channels_redis``: ``tests/test_core.py`` and ``tests/test_pubsub.py`` of the
   channels_redis sdist (``pip download --no-binary :all:``, cached under
   ``build/peers/``). channels_redis is not a dependency of ours; its tests import
@@ -42,9 +43,10 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 BUILD = REPO / "build" / "peers"
 SITE = BUILD / "site"
+CHANNELS_TESTS: Path | None = None  # --channels-tests
 BROKER = os.environ.get("HYBRID_LAYER_TEST_BROKER", "amqp://guest:guest@127.0.0.1:5672/")
 
-CHANNELS_VERSION = "4.3.2"  # the vendored tests' version
+CHANNELS_VERSION = "4.3.2"  # the version of channels' tests the rewrites fit
 CHANNELS_REDIS_VERSION = "4.3.0"
 #: what the peers' tests import beyond .venv, installed into build/peers/site only
 #: (daphne without its dependencies: channels.testing imports daphne.testing, which
@@ -229,7 +231,7 @@ def make_rundir(suite: str, mode: str, redis_src: Path) -> Path:
     ini = ["[pytest]", "asyncio_mode = auto", "asyncio_default_fixture_loop_scope = function"]
     if suite == "channels":
         for f in CHANNELS_FILES:
-            text = (HERE / f"channels-{CHANNELS_VERSION}" / f"{f}.txt").read_text()
+            text = (CHANNELS_TESTS / f).read_text()
             (run / "tests" / f).write_text(rewrite(f, text))
         (run / "tests" / "conftest.py").write_text(CHANNELS_CONFTEST)
         (run / "peer_settings.py").write_text(CHANNELS_SETTINGS)
@@ -345,12 +347,21 @@ def main() -> int:
     ap.add_argument("--mode", choices=["single", "broker", "both"], default="both")
     ap.add_argument("--timeout", type=float, default=20.0, help="seconds per test")
     ap.add_argument(
+        "--channels-tests",
+        type=Path,
+        default=os.environ.get("HYBRID_LAYER_CHANNELS_TESTS") or None,
+        help="channels' tests/ folder (a checkout of django/channels at "
+        f"{CHANNELS_VERSION}): its sdist ships none",
+    )
+    ap.add_argument(
         "--drop-check",
         action="store_true",
         help="close only the layers still referenced after a test (not those the test "
         "dropped without close()): shows whether a dropped layer releases its namespace",
     )
     args = ap.parse_args()
+    global CHANNELS_TESTS
+    CHANNELS_TESTS = args.channels_tests
     if args.drop_check:
         os.environ["HL_PEER_DROP_CHECK"] = "1"
     if version("channels") != CHANNELS_VERSION:
@@ -358,6 +369,15 @@ def main() -> int:
               f"{CHANNELS_VERSION}'s", file=sys.stderr)  # fmt: skip
     redis_src = prepare()
     suites = ["channels", "channels_redis"] if args.suite == "all" else [args.suite]
+    if "channels" in suites and (
+        CHANNELS_TESTS is None or not all((CHANNELS_TESTS / f).is_file() for f in CHANNELS_FILES)
+    ):
+        print(
+            "channels suite SKIPPED: channels' sdist ships no tests; pass --channels-tests "
+            f"DIR (channels' tests/ folder at {CHANNELS_VERSION}) to run it",
+            file=sys.stderr,
+        )
+        suites.remove("channels")
     modes = ["single", "broker"] if args.mode == "both" else [args.mode]
     t0 = time.monotonic()
     results = []

@@ -53,7 +53,7 @@ from .shm.registry import (
     Namespace,
     SlotView,
 )
-from .shm.ring import RingCorrupt
+from .shm.ring import BadRecord, RingCorrupt
 from .stats import Counters
 
 log = logging.getLogger("hybrid_layer")
@@ -118,6 +118,7 @@ class Participant:
         self.readers: set[str] = set()
         self.parked: dict[str, deque[Item]] = {}
         self._flush_word = self.ns.reg_q  # [HQ_FLUSH_EPOCH]: read on every take/drain
+        self._skipped = False  # a bad record was skipped: resync buckets when empty
         self.flush_seen = self.ns.flush_epoch()
         self.flush_acked = self.flush_seen
         self.parked_empty_since: dict[str, float] = {}
@@ -604,10 +605,12 @@ class Participant:
         k = 2 * bucket + 1
         bk[k] = (bk[k] + n) & 0xFFFFFFFF
 
-    def _resync_buckets(self) -> None:
+    def _resync_buckets(self) -> int:
         """After discarding the unread ring (caller holds the ring lock, so ``enq`` is
         still): count only what is queued locally, or the dropped records would hold
-        their channels' capacity for ever."""
+        their channels' capacity for ever. Returns how many messages that wrote off
+        (direct and normal-channel records that were in the ring)."""
+        gone = 0
         with self.lock:
             local: dict[int, int] = {}
             for store in (self.queues, self.parked):
@@ -619,7 +622,9 @@ class Participant:
             for b in range(len(bk) // 2):
                 want = (bk[2 * b] - local.get(b, 0)) & 0xFFFFFFFF
                 if bk[2 * b + 1] != want:
+                    gone += (want - bk[2 * b + 1]) & 0xFFFFFFFF
                     bk[2 * b + 1] = want
+        return gone if gone < 0x80000000 else 0
 
     def _put(self, channel: str, item: Item, loop: asyncio.AbstractEventLoop | None) -> None:
         """Caller holds ``self.lock``."""
@@ -733,12 +738,23 @@ class Participant:
                 pos = ring.head
                 try:
                     rec = ring.try_read()
-                except RingCorrupt as exc:
+                except BadRecord as exc:  # one record skipped; its neighbours are fine
                     self.counters.dropped_corrupt += 1
-                    limited.warning("corrupt", "hybrid_layer: inbox reset: %s", exc)
+                    self._skipped = True
+                    limited.warning("corrupt-record", "hybrid_layer: %s", exc)
+                    continue
+                except RingCorrupt as exc:  # the framing is broken: nothing to read on
                     with self.ns.ring_locked(self.own):
                         ring.reset()
-                        self._resync_buckets()
+                        gone = self._resync_buckets()
+                    self._skipped = False
+                    self.counters.dropped_corrupt += max(gone, 1)
+                    limited.warning(
+                        "corrupt",
+                        "hybrid_layer: inbox reset, at least %d message(s) dropped: %s",
+                        max(gone, 1),
+                        exc,
+                    )
                     break
                 if rec is None:
                     break
@@ -748,9 +764,21 @@ class Participant:
                 except Exception:  # never let one bad record stop the pump
                     self.counters.dropped_corrupt += 1
                     log.exception("hybrid_layer: cannot dispatch a %s record", rec.kind)
+            if self._skipped:
+                self._resync_after_skip()
         if self.flush_acked != self.flush_seen:
             self._ack_flush()
         return n
+
+    def _resync_after_skip(self) -> None:
+        """A skipped record may have held a capacity slot of a channel (its name was
+        unreadable): once the ring is seen empty under its lock, count only what is
+        queued locally, as after a reset. Caller holds ``read_lock``."""
+        ring = self.own.ring
+        with self.ns.ring_locked(self.own):
+            if ring.tail == ring.head:
+                self._resync_buckets()
+                self._skipped = False
 
     def _ack_flush(self) -> None:
         """Tell a flusher we applied its flush (local queues and ring both cleaned)."""

@@ -186,13 +186,13 @@ class HybridChannelLayer(BaseChannelLayer):  # type: ignore[misc]
                     item = p.take(channel)
             try:
                 return decode_message(memoryview(item.body)[item.name_len :])
-            except msgspec.DecodeError as exc:  # a well-framed record that is no message
+            except msgspec.DecodeError as exc:  # (MalformedMessage) outside the contract
                 c = p.counters
                 c.received -= 1
                 c.dropped_malformed += 1
                 limited.warning(
-                    "undecodable",
-                    "hybrid_layer: undecodable message for %r dropped: %s",
+                    "malformed-message",
+                    "hybrid_layer: malformed message for %r dropped: %s",
                     channel,
                     exc,
                 )

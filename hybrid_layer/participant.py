@@ -67,6 +67,7 @@ BIND_WAIT = 2.0
 #: how long close() waits for the link to publish what is queued and close
 LINK_CLOSE_WAIT = 6.0
 LOCAL_DEST_MAX = 65_536
+MAX_NAME_LENGTH = 100  # channels' BaseChannelLayer: valid names are shorter
 
 
 class Item(NamedTuple):
@@ -339,8 +340,13 @@ class Participant:
         again); a message for no channel of this host is dropped and counted here."""
         r = NO_CHANNEL
         # a route-cache hit is a process channel of this host; anything else is parsed
-        # here first, as send() would hand another host's channel back to the broker
+        # here first, as send() would hand another host's channel back to the broker.
+        # (a name of 100 characters or more is no channels name: none of ours either,
+        # and it may not fit a ring record's name field)
         here = channel in self._local_dest
+        if not here and len(channel) >= MAX_NAME_LENGTH:
+            self._count_forward_failure(r, channel[:60] + "...")
+            return r
         if not here:
             dest = route(channel, self.cfg.host_id, self.slot, self.gen)
             here = dest.route in (Route.OWN, Route.SLOT)

@@ -114,3 +114,18 @@ def test_incarnation_zero_name_reaches_nobody(remotes) -> None:  # type: ignore[
     s = sender.call("stats")
     assert s.sent == 1
     assert s.dropped.get("no_channel") == 1, s.dropped
+
+
+async def test_overlong_name_from_the_broker_is_dropped_not_raised(layer) -> None:  # type: ignore[no-untyped-def]
+    """A broker frame may carry a destination of up to 64 KiB; one that parses as a
+    channel of this host but is no valid channels name (100+ characters, over the ring's
+    name field) is a counted ``no_channel`` drop for the leader, not an exception."""
+    real = await layer.new_channel()
+    p = layer._p()
+    addr = names.parse(real)
+    forged = "x" * 5000 + real[real.index(".") :]
+    assert names.parse(forged) == addr
+    from hybrid_layer.shm.registry import NO_CHANNEL
+
+    assert p.deliver_direct(forged, msgspec.msgpack.encode({"type": "x"}), 1e12) == NO_CHANNEL
+    assert layer.statistics().dropped.get("no_channel") == 1

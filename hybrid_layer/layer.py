@@ -213,13 +213,13 @@ class HybridChannelLayer(BaseChannelLayer):  # type: ignore[misc]
                     item = p.take(channel)
             try:
                 return decode_message(memoryview(item.body)[item.name_len :])
-            except msgspec.DecodeError as exc:  # a well-framed record that is no message
+            except msgspec.DecodeError as exc:  # (MalformedMessage) outside the contract
                 c = p.counters
                 c.received -= 1
                 c.drop(
                     "malformed",
                     1,
-                    "hybrid_layer: undecodable message for %r dropped: %s",
+                    "hybrid_layer: malformed message for %r dropped: %s",
                     channel,
                     exc,
                 )

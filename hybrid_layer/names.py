@@ -19,9 +19,12 @@ import secrets
 from functools import lru_cache
 from typing import NamedTuple
 
-# strictly what mint() produces: lowercase hex, no signs, no underscores, no 0x
+# strictly what mint() produces: lowercase hex, no signs, no underscores, no 0x; the
+# incarnation is never 0 (a slot's gen starts at 1 and skips 0 when it wraps), and the
+# writer treats gen 0 as "whichever process holds the slot now": a name with gen 0 was
+# not minted by anyone, so it must not parse (else it would reach a stranger)
 _ADDR = re.compile(
-    r"\.([A-Za-z0-9_-]{1,32})\.([0-9a-f]{1,8})\.([0-9a-f]{1,8})!([0-9a-f]{1,8})\.[0-9a-f]+"
+    r"\.([A-Za-z0-9_-]{1,32})\.([0-9a-f]{1,8})\.([1-9a-f][0-9a-f]{0,7})!([0-9a-f]{1,8})\.[0-9a-f]+"
 )
 
 
@@ -33,6 +36,8 @@ class ProcessAddress(NamedTuple):
 
 
 def mint(prefix: str, host_id: str, slot: int, gen: int, bucket: int) -> str:
+    if not 0 < gen <= 0xFFFFFFFF:
+        raise ValueError(f"incarnation {gen} is not a u32 above 0")
     # channels passes "specific." by default: do not double the dot
     base = prefix[:-1] if prefix.endswith(".") else prefix
     return f"{base}.{host_id}.{slot:x}.{gen:x}!{bucket:x}.{secrets.token_hex(6)}"

@@ -53,7 +53,7 @@ from .shm.registry import (
     Namespace,
     SlotView,
 )
-from .shm.ring import RingCorrupt
+from .shm.ring import BadRecord, RingCorrupt
 from .stats import Counters
 
 log = logging.getLogger("hybrid_layer")
@@ -72,6 +72,7 @@ LINK_CLOSE_WAIT = 6.0
 LOCAL_DEST_MAX = 65_536
 #: the log line of an expired message: channel, where it waited, the expiry
 _EXPIRED = "hybrid_layer: message for %r expired unread (%s, expiry %s s)"
+MAX_NAME_LENGTH = 100  # channels' BaseChannelLayer: valid names are shorter
 
 
 class Item(NamedTuple):
@@ -126,6 +127,7 @@ class Participant:
         self._idle_heads: dict[str, tuple[Item, float]] = {}
         self.parked: dict[str, deque[Item]] = {}
         self._flush_word = self.ns.reg_q  # [HQ_FLUSH_EPOCH]: read on every take/drain
+        self._skipped = False  # a bad record was skipped: resync buckets when empty
         self.flush_seen = self.ns.flush_epoch()
         self.flush_acked = self.flush_seen
         self.parked_empty_since: dict[str, float] = {}
@@ -356,8 +358,13 @@ class Participant:
         again); a message for no channel of this host is dropped and counted here."""
         r = NO_CHANNEL
         # a route-cache hit is a process channel of this host; anything else is parsed
-        # here first, as send() would hand another host's channel back to the broker
+        # here first, as send() would hand another host's channel back to the broker.
+        # (a name of 100 characters or more is no channels name: none of ours either,
+        # and it may not fit a ring record's name field)
         here = channel in self._local_dest
+        if not here and len(channel) >= MAX_NAME_LENGTH:
+            self._count_forward_failure(r, channel[:60] + "...")
+            return r
         if not here:
             dest = route(channel, self.cfg.host_id, self.slot, self.gen)
             here = dest.route in (Route.OWN, Route.SLOT)
@@ -682,10 +689,12 @@ class Participant:
         k = 2 * bucket + 1
         bk[k] = (bk[k] + n) & 0xFFFFFFFF
 
-    def _resync_buckets(self) -> None:
+    def _resync_buckets(self) -> int:
         """After discarding the unread ring (caller holds the ring lock, so ``enq`` is
         still): count only what is queued locally, or the dropped records would hold
-        their channels' capacity for ever."""
+        their channels' capacity for ever. Returns how many messages that wrote off
+        (direct and normal-channel records that were in the ring)."""
+        gone = 0
         with self.lock:
             local: dict[int, int] = {}
             for store in (self.queues, self.parked):
@@ -697,7 +706,9 @@ class Participant:
             for b in range(len(bk) // 2):
                 want = (bk[2 * b] - local.get(b, 0)) & 0xFFFFFFFF
                 if bk[2 * b + 1] != want:
+                    gone += (want - bk[2 * b + 1]) & 0xFFFFFFFF
                     bk[2 * b + 1] = want
+        return gone if gone < 0x80000000 else 0
 
     def _put(self, channel: str, item: Item, loop: asyncio.AbstractEventLoop | None) -> None:
         """Caller holds ``self.lock``."""
@@ -811,13 +822,22 @@ class Participant:
                 pos = ring.head
                 try:
                     rec = ring.try_read()
-                except RingCorrupt as exc:
-                    self.counters.drop(
-                        "corrupt", 1, "hybrid_layer: inbox reset (unread records lost): %s", exc
-                    )
+                except BadRecord as exc:  # one record skipped; its neighbours are fine
+                    self._skipped = True
+                    self.counters.drop("corrupt", 1, "hybrid_layer: %s", exc)
+                    continue
+                except RingCorrupt as exc:  # the framing is broken: nothing to read on
                     with self.ns.ring_locked(self.own):
                         ring.reset()
-                        self._resync_buckets()
+                        gone = self._resync_buckets()
+                    self._skipped = False
+                    self.counters.drop(
+                        "corrupt",
+                        max(gone, 1),
+                        "hybrid_layer: inbox reset, at least %d message(s) dropped: %s",
+                        max(gone, 1),
+                        exc,
+                    )
                     break
                 if rec is None:
                     break
@@ -834,9 +854,21 @@ class Participant:
                         exc,
                     )
                     log.debug("hybrid_layer: dispatch failure", exc_info=True)
+            if self._skipped:
+                self._resync_after_skip()
         if self.flush_acked != self.flush_seen:
             self._ack_flush()
         return n
+
+    def _resync_after_skip(self) -> None:
+        """A skipped record may have held a capacity slot of a channel (its name was
+        unreadable): once the ring is seen empty under its lock, count only what is
+        queued locally, as after a reset. Caller holds ``read_lock``."""
+        ring = self.own.ring
+        with self.ns.ring_locked(self.own):
+            if ring.tail == ring.head:
+                self._resync_buckets()
+                self._skipped = False
 
     def _ack_flush(self) -> None:
         """Tell a flusher we applied its flush (local queues and ring both cleaned)."""

@@ -191,6 +191,14 @@ async def _main(conn: Any, config: dict[str, Any]) -> None:
                 ring.data[off : off + 32] = b"\xde\xad\xbe\xef" * 8
                 sv.cq[Q_TAIL] = ring.tail + 32
             return None
+        if cmd == "send_raw":  # channel, payload bytes: as a peer that skips encode_message
+            channel, payload = args
+            p = layer._p()
+            return p.send(channel, payload, time.monotonic() + 30)
+        if cmd == "group_send_raw":  # group, payload bytes (likewise)
+            group, payload = args
+            layer._p().group_send(group, payload, time.monotonic() + 30)
+            return None
         if cmd == "wait_link":  # broker mode: until the host's link is up (or timeout)
             (timeout,) = args
             deadline = time.monotonic() + timeout

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 MAGIC = 0x48594252_4C415931  # "HYBRLAY1"
 VERSION = 5  # 2: broker mode (outbound kinds, link words, tagged hashes); 3: broker_batches;
 # 4: the host-queue dedupe table, link reason and sync-time words, new counters;
-# 5: dropped_unauthenticated, the dedupe table's OWN bit
+# 5: dropped_unauthenticated, the dedupe table's OWN bit; ring records carry a 12-bit
+# name length (UTF-8 names up to NAME_MAX bytes)
 
 INIT_LOCK = 0
 LEADER_LOCK = 1
@@ -172,9 +173,14 @@ Q_GROUP_CHANGES = CTRL_GROUP_CHANGES // 8
 BUCKET = struct.Struct("@II")
 
 # ring records: header then body (name bytes, then the msgpack message)
-# total body length, magic, kind, name length, expires_at (CLOCK_MONOTONIC seconds)
-RECORD = struct.Struct("<IHBBd")
+# total body length, magic, ``name length << 4 | kind``, expires_at (CLOCK_MONOTONIC s)
+# Names are UTF-8: channels' name rules (``\d``, ``\w``) accept any Unicode digit or
+# letter, up to 4 bytes each, so a valid name (< 100 characters) takes up to 396 bytes.
+RECORD = struct.Struct("<IHHd")
 RECORD_MAGIC = 0xB17E
+KIND_BITS = 4
+KIND_MASK = (1 << KIND_BITS) - 1
+NAME_MAX = 0xFFFF >> KIND_BITS  # 4095 bytes
 KIND_DIRECT = 1  # to a process channel of the owner
 KIND_GROUP = 2  # a group message: the owner fans it out to its local members
 KIND_NORMAL = 3  # to a normal (multi-reader) channel
@@ -184,6 +190,7 @@ KIND_OUT_DIRECT = 5  # to a process channel of another host
 KIND_OUT_GROUP = 6  # a group message for the other hosts
 KIND_OUT_NORMAL = 7  # to a normal channel with no reader on this host
 KINDS = frozenset(range(KIND_DIRECT, KIND_OUT_NORMAL + 1))
+assert max(KINDS) <= KIND_MASK
 ALIGN = 16  # = record header size: a header never straddles the end
 
 

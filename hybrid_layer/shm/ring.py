@@ -13,16 +13,35 @@ leaves an unpublished, invisible half record that the next writer overwrites: th
 never holds a torn record. ``head`` is written only by the reader after it has copied a
 record out, so writers never overwrite unread bytes.
 
-Reading never raises anything but :class:`RingCorrupt`: whatever bytes are in the ring,
-``try_read`` returns a record, ``None`` (empty), or raises ``RingCorrupt`` (the fuzz
-invariant tested in ``tests/unit/test_ring.py``).
+Reading tells a broken *frame* from a bad *record*. The frame is the header's magic and
+body length (with ``head`` and ``tail``): they say where the next record starts. While
+they are sane, a record whose content is invalid (unknown kind, name length past the
+body, a name that is not UTF-8) is consumed and reported with :class:`BadRecord`: its
+neighbours are still read. Only a broken frame - nothing says where the next record
+starts - raises :class:`RingCorrupt`, and the caller must reset the ring.
+
+Whatever bytes are in the ring, ``try_read`` returns a record, ``None`` (empty), raises
+``BadRecord`` (one record skipped: ``head`` moved past it) or raises ``RingCorrupt``
+(``head`` unchanged); never anything else (the fuzz invariant of
+``tests/unit/test_ring.py``).
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
-from .layout import ALIGN, KINDS, Q_HEAD, Q_TAIL, RECORD, RECORD_MAGIC, align
+from .layout import (
+    ALIGN,
+    KIND_BITS,
+    KIND_MASK,
+    KINDS,
+    NAME_MAX,
+    Q_HEAD,
+    Q_TAIL,
+    RECORD,
+    RECORD_MAGIC,
+    align,
+)
 
 _HDR = RECORD.size
 _pack_hdr = RECORD.pack_into  # only for unpublished bytes: it memsets before writing
@@ -30,7 +49,13 @@ _unpack_hdr = RECORD.unpack_from
 
 
 class RingCorrupt(Exception):
-    """The bytes at ``head`` are not a valid record; the ring must be reset."""
+    """The framing at ``head`` is broken (positions or record header): nothing says where
+    the next record starts, so the ring must be reset. ``head`` did not move."""
+
+
+class BadRecord(Exception):
+    """A well-framed record with invalid content was consumed (skipped): count it as one
+    dropped record and read on. ``head`` moved past it."""
 
 
 class Record(NamedTuple):
@@ -107,8 +132,12 @@ class Ring:
         self, kind: int, name: bytes, expires_at: float, message: bytes | memoryview
     ) -> int:
         """Append one record. Returns the bytes in use before it, or -1 if it does not
-        fit now. Caller holds the ring lock."""
-        body_len = len(name) + len(message)
+        fit now. Caller holds the ring lock. ``name`` is UTF-8, at most ``NAME_MAX``
+        bytes (``ValueError`` otherwise)."""
+        name_len = len(name)
+        if name_len > NAME_MAX:
+            raise ValueError(f"a {name_len}-byte name is over the ring's {NAME_MAX}")
+        body_len = name_len + len(message)
         need = _HDR + ((body_len + ALIGN - 1) & -ALIGN)
         q = self.q
         tail = q[Q_TAIL]
@@ -116,7 +145,14 @@ class Ring:
         if before + need > self.size:
             return -1
         # records and the data size are multiples of 16 = header size: no straddling
-        _pack_hdr(self.data, tail % self.size, body_len, RECORD_MAGIC, kind, len(name), expires_at)
+        _pack_hdr(
+            self.data,
+            tail % self.size,
+            body_len,
+            RECORD_MAGIC,
+            name_len << KIND_BITS | kind,
+            expires_at,
+        )
         pos = tail + _HDR
         if name:
             pos = self._put(pos, name)
@@ -135,7 +171,10 @@ class Ring:
         return bytes(self.data[off:]) + bytes(self.data[: n - first])
 
     def try_read(self) -> Record | None:
-        """Copy out and consume the oldest record, ``None`` if empty. Owner only."""
+        """Copy out and consume the oldest record, ``None`` if empty. Owner only.
+
+        Raises :class:`BadRecord` after skipping one well-framed invalid record, and
+        :class:`RingCorrupt` (nothing consumed) when the framing is broken."""
         q = self.q
         head = q[Q_HEAD]
         avail = q[Q_TAIL] - head
@@ -144,17 +183,26 @@ class Ring:
         if avail < _HDR or avail > self.size or head % ALIGN:
             raise RingCorrupt(f"ring positions impossible: head={head} tail={head + avail}")
         off = head % self.size
-        body_len, magic, kind, name_len, expires_at = _unpack_hdr(self.data, off)
+        body_len, magic, kn, expires_at = _unpack_hdr(self.data, off)
         need = _HDR + align(body_len)
-        if magic != RECORD_MAGIC or kind not in KINDS or name_len > body_len or need > avail:
+        if magic != RECORD_MAGIC or need > avail:
             raise RingCorrupt(
-                f"bad record at {head}: magic={magic:#x} kind={kind} "
-                f"name_len={name_len} body_len={body_len} available={avail}"
+                f"broken record frame at {head}: magic={magic:#x} "
+                f"body_len={body_len} available={avail}"
+            )
+        kind = kn & KIND_MASK
+        name_len = kn >> KIND_BITS
+        if kind not in KINDS or name_len > body_len:
+            q[Q_HEAD] = head + need
+            raise BadRecord(
+                f"invalid record at {head} skipped: kind={kind} name_len={name_len} "
+                f"body_len={body_len}"
             )
         body = self._get(head + _HDR, body_len)
         try:
-            name = body[:name_len].decode("ascii")
-        except UnicodeDecodeError as exc:
-            raise RingCorrupt(f"record at {head} has a non-ASCII name") from exc
+            name = body[:name_len].decode()
+        except UnicodeDecodeError:
+            q[Q_HEAD] = head + need
+            raise BadRecord(f"record at {head} skipped: its name is not UTF-8") from None
         q[Q_HEAD] = head + need
         return Record(kind, name, expires_at, body, name_len)

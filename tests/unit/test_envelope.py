@@ -11,7 +11,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hybrid_layer.envelope import decode_args, decode_message, encode_args, encode_message
+from hybrid_layer.envelope import (
+    MAX_DEPTH,
+    MalformedMessage,
+    decode_args,
+    decode_message,
+    encode_args,
+    encode_message,
+)
 
 I64_MIN = -(2**63)
 U64_MAX = 2**64 - 1
@@ -198,7 +205,9 @@ _values = st.recursive(
     ),
     max_leaves=20,
 )
-_messages = st.dictionaries(st.text(max_size=12), _values, max_size=6)
+_messages = st.dictionaries(st.text(max_size=12), _values, max_size=6).filter(
+    lambda m: isinstance(m.get("type", ""), str)  # the contract: a str type if present
+)
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -235,3 +244,134 @@ def test_any_bad_value_is_a_type_error(message: dict[str, Any], bad: Any, key: s
     message[key] = [bad]
     with pytest.raises(TypeError, match="message cannot be encoded"):
         encode_message(message)
+
+
+# ====================================================================== issue 12: the contract
+def _nest(depth: int) -> Any:
+    """``depth`` nested lists: inside a message they reach level ``depth + 1``."""
+    v: Any = 0
+    for _ in range(depth):
+        v = [v]
+    return v
+
+
+class TestContract:
+    """Whatever arrives is a message of the contract or ``MalformedMessage`` (dropped and
+    counted by receive()); what a receiver would drop, ``encode_message`` refuses."""
+
+    def test_1kb_nested_1000_deep_is_malformed_not_recursion_error(self) -> None:
+        data = b"\x81\xa1d" + b"\x91" * 1000 + b"\x00"
+        with pytest.raises(MalformedMessage):
+            decode_message(data)
+
+    def test_depth_limit_exact(self) -> None:
+        ok = {"type": "x", "d": _nest(MAX_DEPTH - 1)}
+        assert decode_message(encode_message(ok)) == ok
+        bad = {"type": "x", "d": _nest(MAX_DEPTH)}
+        with pytest.raises(MalformedMessage, match="deeper"):
+            decode_message(msgspec.msgpack.encode(bad))
+        with pytest.raises(TypeError, match=f"deeper than {MAX_DEPTH}"):
+            encode_message(bad)
+        deep_dicts: Any = 0
+        for _ in range(MAX_DEPTH):
+            deep_dicts = {"k": deep_dicts}
+        with pytest.raises(TypeError, match="deeper"):
+            encode_message({"d": deep_dicts})
+
+    def test_far_too_deep_to_encode_is_a_type_error(self) -> None:
+        with pytest.raises(TypeError, match="deeper"):
+            encode_message({"d": _nest(5000)})
+
+    @pytest.mark.parametrize(
+        ("message", "why"),
+        [
+            ({"type": "x", 1: "v"}, "int key"),
+            ({"type": "x", "d": {2.5: "v"}}, "float key"),
+            ({"type": "x", "l": [{b"k": 1}]}, "bytes key"),
+            ({"type": "x", "e": msgspec.msgpack.Ext(1, b"x")}, "Ext value"),
+            ({"type": "x", "l": [1, msgspec.msgpack.Ext(2, b"")]}, "Ext value"),
+            ({"type": 5}, "'type' is a int"),
+            ({"type": None}, "'type' is a NoneType"),
+            ({"type": b"bytes"}, "'type' is a bytes"),
+            ({"type": ["x"]}, "'type' is a list"),
+        ],
+    )
+    def test_outside_the_contract(self, message: dict[Any, Any], why: str) -> None:
+        with pytest.raises(MalformedMessage, match=why):
+            decode_message(msgspec.msgpack.encode(message))
+        with pytest.raises(TypeError, match=why):
+            encode_message(message)
+
+    def test_timestamp_ext_is_refused(self) -> None:
+        import datetime
+
+        message = {"type": "x", "at": datetime.datetime.now(datetime.UTC)}
+        with pytest.raises(MalformedMessage, match="datetime"):
+            decode_message(msgspec.msgpack.encode(message))
+        with pytest.raises(TypeError, match="datetime"):
+            encode_message(message)
+
+    def test_malformed_is_a_decode_error(self) -> None:
+        """(receive() and older callers catch msgspec.DecodeError)"""
+        assert issubclass(MalformedMessage, msgspec.DecodeError)
+
+    def test_flat_and_nested_fast_and_slow_paths_agree(self) -> None:
+        flat = {"type": "chat.message", "message": "hi", "n": 3, "f": 1.5, "ok": True}
+        assert _same(decode_message(encode_message(flat)), flat)
+        with_bytes = {"type": "websocket.send", "bytes": b"\x00", "text": None}
+        assert _same(decode_message(encode_message(with_bytes)), with_bytes)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.binary(max_size=200))
+def test_fuzz_decode_message(data: bytes) -> None:
+    """Arbitrary bytes: a message of the contract, or MalformedMessage; nothing else."""
+    try:
+        out = decode_message(data)
+    except MalformedMessage:
+        return
+    _assert_contract(out, 1)
+    assert isinstance(out.get("type", ""), str)
+
+
+_wild_scalars = st.one_of(
+    _scalars,
+    st.builds(msgspec.msgpack.Ext, st.integers(-128, 127), st.binary(max_size=4)),
+)
+_wild = st.recursive(
+    _wild_scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3),
+        st.dictionaries(st.one_of(st.text(max_size=4), st.integers(0, 3)), inner, max_size=3),
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(message=st.dictionaries(st.one_of(st.text(max_size=5), st.integers(0, 3)), _wild))
+def test_fuzz_send_refuses_exactly_what_receive_drops(message: dict[Any, Any]) -> None:
+    """encode_message refuses (TypeError) exactly the messages whose bytes the receiver
+    would call malformed; what it accepts arrives equal."""
+    raw = msgspec.msgpack.encode(message)
+    try:
+        got = decode_message(raw)
+    except MalformedMessage:
+        with pytest.raises(TypeError):
+            encode_message(message)
+        return
+    assert _same(decode_message(encode_message(message)), got)
+
+
+def _assert_contract(v: Any, depth: int) -> None:
+    if type(v) in (dict, list):
+        assert depth <= MAX_DEPTH
+    if type(v) is dict:
+        for k, x in v.items():
+            assert type(k) is str
+            _assert_contract(x, depth + 1)
+    elif type(v) is list:
+        for x in v:
+            _assert_contract(x, depth + 1)
+    else:
+        assert type(v) in (str, bytes, int, float, bool, type(None))

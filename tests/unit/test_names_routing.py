@@ -22,7 +22,7 @@ prefixes = st.one_of(
     st.text(alphabet=_ID_ALPHABET + ".", max_size=20),
 )
 slots = st.integers(min_value=0, max_value=1023)  # config: max_participants <= 1024
-gens = st.integers(min_value=0, max_value=2**32 - 1)  # a u32 in the slot's control page
+gens = st.integers(min_value=1, max_value=2**32 - 1)  # a u32 in the slot's control page, never 0
 buckets = st.integers(min_value=0, max_value=2**20 - 1)  # channel_buckets <= 2**20
 
 _valid = BaseChannelLayer()
@@ -156,8 +156,23 @@ class TestParseRejects:
             return
         assert addr.host_id == host_id
         assert addr.slot >= 0
-        assert addr.gen >= 0
+        assert addr.gen >= 1  # 0 would match whichever process holds the slot now
         assert addr.bucket >= 0
+
+    @pytest.mark.parametrize("gen", ["0", "00", "00000000", "01"])
+    def test_incarnation_zero_never_parses(self, gen: str) -> None:
+        """Issue 12 (9a): the ring writer treats gen 0 as "any live incarnation", so a
+        crafted name with gen 0 reached whichever process held the slot. No process is
+        ever given gen 0: such a name is nobody's, and unroutable."""
+        name = f"specific.hostA.3.{gen}!0.abcdef"
+        assert _valid.require_valid_channel_name(name)
+        assert parse(name) is None
+        dest = route(name, "hostA", 5, 9)
+        assert dest == Destination(Route.UNROUTABLE, None)
+
+    def test_mint_refuses_incarnation_zero(self) -> None:
+        with pytest.raises(ValueError, match="incarnation"):
+            mint("specific.", "h", 1, 0, 0)
 
 
 # ====================================================================== route()

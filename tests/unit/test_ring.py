@@ -21,7 +21,7 @@ from hypothesis.stateful import (
 )
 
 from hybrid_layer.shm import layout as L
-from hybrid_layer.shm.ring import Record, Ring, RingCorrupt, record_size
+from hybrid_layer.shm.ring import BadRecord, Record, Ring, RingCorrupt, record_size
 
 CTRL_BYTES = 256
 U64_MAX = 2**64 - 1
@@ -142,22 +142,41 @@ class TestRoundTrip:
         assert rec is not None
         assert math.isnan(rec.expires_at)
 
-    def test_longest_name_255(self) -> None:
-        ring, _, _ = make_ring(1024)
-        name = b"n" * 255
+    def test_longest_name(self) -> None:
+        ring, _, _ = make_ring(8192)
+        name = b"n" * L.NAME_MAX
         assert ring.try_write(L.KIND_GROUP, name, 0.0, b"body") >= 0
         rec = ring.try_read()
         assert rec is not None
-        assert rec.name == "n" * 255
+        assert rec.name == "n" * L.NAME_MAX
         assert bytes(rec.message) == b"body"
 
+    @pytest.mark.parametrize(
+        "name",
+        [
+            "chat_\u0663",  # ARABIC-INDIC DIGIT THREE: channels' \d accepts it
+            "jobs\u0663",
+            "specific\u0663.h.1.1!0.abc",
+            "\U0001d7d8" * 99,  # a 4-byte digit: the longest valid name, 396 bytes
+        ],
+    )
+    def test_unicode_names_round_trip(self, name: str) -> None:
+        """Names are UTF-8 (issue 12: an ASCII decode made the reader reset the inbox)."""
+        ring, _, _ = make_ring(2048)
+        for kind in (L.KIND_GROUP, L.KIND_NORMAL, L.KIND_DIRECT):
+            assert ring.try_write(kind, name.encode(), 1.0, b"body") >= 0
+            rec = ring.try_read()
+            assert rec is not None
+            assert (rec.kind, rec.name, bytes(rec.message)) == (kind, name, b"body")
+            assert rec.name_len == len(name.encode())
+
     def test_name_longer_than_header_field_is_refused_without_publishing(self) -> None:
-        """The header stores the name length in one byte; a 256-byte name cannot be
-        framed. Whatever the writer raises, nothing may be published."""
-        ring, ctrl, _ = make_ring(1024)
+        """The header stores the name length in 12 bits; a longer name cannot be
+        framed. The writer raises ValueError and publishes nothing."""
+        ring, ctrl, _ = make_ring(8192)
         before = bytes(ctrl)
-        with pytest.raises((struct.error, ValueError, OverflowError)):
-            ring.try_write(L.KIND_GROUP, b"n" * 256, 0.0, b"body")
+        with pytest.raises(ValueError, match="name"):
+            ring.try_write(L.KIND_GROUP, b"n" * (L.NAME_MAX + 1), 0.0, b"body")
         assert bytes(ctrl) == before
         assert ring.try_read() is None
 
@@ -344,16 +363,23 @@ class TestCorruptionDetected:
         data[4:6] = b"\x00\x00"
         self._assert_corrupt_and_unchanged(ring, ctrl)
 
-    @pytest.mark.parametrize("kind", [0, 8, 255])
-    def test_unknown_kind(self, kind: int) -> None:
-        ring, ctrl, data = self._one()
-        data[6] = kind
-        self._assert_corrupt_and_unchanged(ring, ctrl)
+    def _assert_skipped(self, ring: Ring) -> None:
+        head = ring.head
+        with pytest.raises(BadRecord):
+            ring.try_read()
+        assert ring.head == head + 32  # exactly that record consumed
+        assert ring.try_read() is None
 
-    def test_name_longer_than_body(self) -> None:
-        ring, ctrl, data = self._one()
-        data[7] = 12  # body is 11 bytes
-        self._assert_corrupt_and_unchanged(ring, ctrl)
+    @pytest.mark.parametrize("kind", [0, 8, 15])
+    def test_unknown_kind_skips_the_record(self, kind: int) -> None:
+        ring, _, data = self._one()
+        struct.pack_into("<H", data, 6, 4 << L.KIND_BITS | kind)
+        self._assert_skipped(ring)
+
+    def test_name_longer_than_body_skips_the_record(self) -> None:
+        ring, _, data = self._one()
+        struct.pack_into("<H", data, 6, 12 << L.KIND_BITS | L.KIND_DIRECT)  # body is 11
+        self._assert_skipped(ring)
 
     def test_body_longer_than_published(self) -> None:
         ring, ctrl, data = self._one()
@@ -365,10 +391,10 @@ class TestCorruptionDetected:
         struct.pack_into("<I", data, 0, 0xFFFFFFFF)
         self._assert_corrupt_and_unchanged(ring, ctrl)
 
-    def test_non_ascii_name(self) -> None:
-        ring, ctrl, _ = make_ring(128)
-        assert ring.try_write(L.KIND_DIRECT, "é".encode(), 0.0, b"m") >= 0
-        self._assert_corrupt_and_unchanged(ring, ctrl)
+    def test_non_utf8_name_skips_the_record(self) -> None:
+        ring, _, _ = make_ring(128)
+        assert ring.try_write(L.KIND_DIRECT, b"\xff\xfe", 0.0, b"m") >= 0
+        self._assert_skipped(ring)
 
     @pytest.mark.parametrize(
         ("head", "tail"),
@@ -387,8 +413,53 @@ class TestCorruptionDetected:
         self._assert_corrupt_and_unchanged(ring, ctrl)
 
 
+class TestBadRecordBetweenGoodOnes:
+    """Issue 12: one bad record costs that record only, never its neighbours."""
+
+    @pytest.mark.parametrize(
+        "damage",
+        [
+            lambda data, off: data.__setitem__(slice(off + 16, off + 18), b"\xff\xfe"),
+            lambda data, off: struct.pack_into("<H", data, off + 6, 0 << L.KIND_BITS | 9),
+            lambda data, off: struct.pack_into("<H", data, off + 6, 200 << L.KIND_BITS | 1),
+        ],
+        ids=["name-not-utf8", "unknown-kind", "name-past-body"],
+    )
+    @pytest.mark.parametrize("start", [0, 64, 224])  # 224: records wrap the 256-byte end
+    def test_both_neighbours_read(self, damage, start: int) -> None:  # type: ignore[no-untyped-def]
+        ring, _, data = make_ring(256, start=start)
+        assert ring.try_write(L.KIND_GROUP, "chat_\u0663".encode(), 1.0, b"before") >= 0
+        bad_at = ring.tail % ring.size
+        assert ring.try_write(L.KIND_DIRECT, b"xx", 2.0, b"bad") >= 0
+        assert ring.try_write(L.KIND_NORMAL, "jobs\u0663".encode(), 3.0, b"after") >= 0
+        damage(data, bad_at)
+        first = ring.try_read()
+        assert first is not None
+        assert (first.name, bytes(first.message)) == ("chat_\u0663", b"before")
+        with pytest.raises(BadRecord):
+            ring.try_read()
+        last = ring.try_read()
+        assert last is not None
+        assert (last.name, bytes(last.message)) == ("jobs\u0663", b"after")
+        assert ring.try_read() is None
+
+
 # ====================================================================== property: deque model
-_names = st.binary(min_size=0, max_size=40).map(lambda b: bytes(c & 0x7F for c in b))
+_names = (
+    st.text(max_size=40)
+    .map(lambda t: t.encode("utf-8", "surrogatepass"))
+    .filter(lambda b: _utf8(b))
+)
+
+
+def _utf8(b: bytes) -> bool:
+    try:
+        b.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 _messages = st.binary(min_size=0, max_size=300)
 _expiry = st.floats(allow_nan=False)
 
@@ -437,7 +508,7 @@ class RingVsDeque(RuleBasedStateMachine):
         self.model_used -= record_size(len(name), len(message))
         assert rec is not None
         assert rec.kind == kind
-        assert rec.name == name.decode("ascii")
+        assert rec.name == name.decode()
         assert rec.name_len == len(name)
         assert rec.expires_at == expires_at
         assert bytes(rec.message) == message
@@ -478,10 +549,11 @@ TestRingVsDeque = RingVsDeque.TestCase
 
 # ====================================================================== fuzz invariant
 def _check_read(ring: Ring, ctrl: bytearray) -> None:
-    """The invariant: a Record, None, or RingCorrupt; never anything else.
+    """The invariant: a Record, None, BadRecord (one record skipped, to be counted) or
+    RingCorrupt (to be reset and counted); never anything else.
 
-    Also: a failed read changes nothing, and a successful one moves ``head`` forward by
-    exactly one record that lies inside the published range.
+    Also: ``RingCorrupt`` changes nothing, and a record or a skip moves ``head`` forward
+    by exactly one aligned record that lies inside the published range.
     """
     head, tail = ring.head, ring.tail
     before = bytes(ctrl)
@@ -490,6 +562,13 @@ def _check_read(ring: Ring, ctrl: bytearray) -> None:
     except RingCorrupt:
         assert bytes(ctrl) == before
         return
+    except BadRecord:
+        new_head = ring.head
+        assert head < new_head <= tail
+        assert (new_head - head) % L.ALIGN == 0
+        assert new_head - head <= ring.size
+        assert ring.tail == tail
+        return
     if rec is None:
         assert head == tail
         assert bytes(ctrl) == before
@@ -497,8 +576,7 @@ def _check_read(ring: Ring, ctrl: bytearray) -> None:
     assert isinstance(rec, Record)
     assert rec.kind in L.KINDS
     assert 0 <= rec.name_len <= len(rec.body)
-    assert rec.name.isascii()
-    assert len(rec.name) == rec.name_len
+    assert rec.name.encode() == rec.body[: rec.name_len]
     new_head = ring.head
     assert new_head == head + record_size(rec.name_len, len(rec.body) - rec.name_len)
     assert head < new_head <= tail
@@ -558,8 +636,7 @@ def test_fuzz_plausible_positions(
     body_len=st.one_of(
         st.integers(min_value=0, max_value=700), st.integers(min_value=0, max_value=2**32 - 1)
     ),
-    kind=st.integers(min_value=0, max_value=255),
-    name_len=st.integers(min_value=0, max_value=255),
+    kind_name=st.integers(min_value=0, max_value=0xFFFF),
     expires_at=st.floats(),
     good_magic=st.booleans(),
 )
@@ -569,8 +646,7 @@ def test_fuzz_forged_headers(
     head_block: int,
     avail_blocks: int,
     body_len: int,
-    kind: int,
-    name_len: int,
+    kind_name: int,
     expires_at: float,
     good_magic: bool,
 ) -> None:
@@ -580,9 +656,69 @@ def test_fuzz_forged_headers(
     head = head_block * L.ALIGN
     avail = avail_blocks * L.ALIGN  # may exceed the ring: must be refused
     magic = L.RECORD_MAGIC if good_magic else data.draw(st.integers(0, 0xFFFF))
-    L.RECORD.pack_into(buf, head % size, body_len, magic, kind, name_len, expires_at)
+    L.RECORD.pack_into(buf, head % size, body_len, magic, kind_name, expires_at)
     set_positions(ctrl, head, head + avail)
     _check_read(ring, ctrl)
+
+
+_records = st.lists(
+    st.tuples(st.sampled_from(sorted(L.KINDS)), _names, st.binary(max_size=60)),
+    min_size=0,
+    max_size=5,
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    start_block=st.integers(min_value=0, max_value=2**30),
+    before=_records,
+    after=_records,
+    bad_name=st.binary(max_size=40),
+    bad_msg=st.binary(max_size=60),
+    kind_name=st.integers(min_value=0, max_value=0xFFFF),
+    content=st.data(),
+)
+def test_fuzz_bad_record_never_costs_a_neighbour(
+    start_block: int,
+    before: list[tuple[int, bytes, bytes]],
+    after: list[tuple[int, bytes, bytes]],
+    bad_name: bytes,
+    bad_msg: bytes,
+    kind_name: int,
+    content: st.DataObject,
+) -> None:
+    """Well-framed records around one whose content (kind, name length, name and
+    message bytes: everything but magic and body length) is arbitrary: every neighbour
+    is read intact, in order, and the bad one is a record or exactly one skip."""
+    ring, _, buf = make_ring(4096, start=start_block * L.ALIGN)
+    for kind, name, msg in before:
+        assert ring.try_write(kind, name, 1.0, msg) >= 0
+    bad_pos = ring.tail
+    assert ring.try_write(L.KIND_DIRECT, bad_name, 2.0, bad_msg) >= 0
+    for kind, name, msg in after:
+        assert ring.try_write(kind, name, 3.0, msg) >= 0
+    # rewrite the bad record's content, keeping its frame (magic, body length)
+    body_len = len(bad_name) + len(bad_msg)
+    struct.pack_into("<H", buf, (bad_pos + 6) % ring.size, kind_name)
+    garbage = content.draw(st.binary(min_size=body_len, max_size=body_len))
+    for k, b in enumerate(garbage):
+        buf[(bad_pos + L.RECORD.size + k) % ring.size] = b
+    got = []
+    skips = 0
+    for _ in range(len(before) + len(after) + 2):
+        try:
+            rec = ring.try_read()
+        except BadRecord:
+            skips += 1
+            continue
+        if rec is None:
+            break
+        got.append((rec.kind, rec.name.encode(), bytes(rec.message)))
+    assert ring.try_read() is None
+    want = [(k, n, m) for k, n, m in before]
+    assert got[: len(want)] == want
+    assert got[len(got) - len(after) :] == [(k, n, m) for k, n, m in after]
+    assert skips + (len(got) - len(before) - len(after)) == 1  # the bad one: read or skipped
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -609,17 +745,21 @@ def test_fuzz_valid_ring_with_flipped_bytes(
     for pos, value in flips:
         buf[pos % size] = value
     for _ in range(reads):
-        before = bytes(ctrl)
+        head = ring.head
+        _check_read(ring, ctrl)
         try:
+            ring.q[L.Q_HEAD] = head  # read again, to see which outcome that was
             rec = ring.try_read()
         except RingCorrupt:
-            assert bytes(ctrl) == before
-            ring.reset()
+            assert ring.head == head
+            ring.reset()  # as the reader does: usable again
             assert ring.try_read() is None
             break
+        except BadRecord:
+            assert ring.head > head
+            continue
         if rec is None:
             break
-        assert isinstance(rec, Record)
         assert rec.kind in L.KINDS
         assert 0 <= ring.used() <= ring.size
     ring.reset()

@@ -175,7 +175,7 @@ async def test_a_bell_replaced_by_a_symlink_is_never_written_and_nothing_is_lost
     """A live receiver's bell replaced by a symlink (what a shared-writable, non-sticky
     shm_dir would allow; the layer now refuses such a directory, so the test removes
     the FIFO as root and lets the second user plant the link in the sticky /dev/shm)."""
-    monkeypatch.setattr(limited, "_last", {})  # an earlier test's refusal may rate-limit
+    limited.reset()  # an earlier test's refusal may rate-limit
     sender = HybridChannelLayer(**layer_config)
     receiver = HybridChannelLayer(**layer_config)
     try:

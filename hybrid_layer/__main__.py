@@ -39,7 +39,7 @@ def status(prefix: str, host_id: str | None) -> dict[str, Any]:
         hdr = L.REG_HEADER.unpack_from(m, 0)
         max_p = hdr[3]
         leader_slot, _gen, leader_pid = L.LEADER_FIELDS.unpack_from(m, L.H_LEADER)
-        lock_path = f"{cfg.shm_dir}/{cfg.namespace}.lock"
+        lock_path = f"{L.SHM_FS}{name}"  # the locks are on the registry's own file
         lf = LockFile(lock_path, cfg.mode) if os.path.exists(lock_path) else None
         parts = []
         for i in range(max_p):

@@ -1276,6 +1276,7 @@ class HostThread(threading.Thread):
                 self._next_sweep = now + SWEEP_EVERY
                 p.drain(None)
                 p.sweep()
+                p.ns.registry_unlinked()
                 p.ns.publish_stats(p.counters.values())
         except Exception:
             log.exception("hybrid_layer: housekeeping failed; retrying")

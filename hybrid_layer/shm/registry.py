@@ -1,9 +1,14 @@
 """A process's attachment to its host namespace: slots, rings, liveness, cleanup.
 
+Every lock is a byte of the registry segment's own file (``/dev/shm/<ns>.reg``): the
+namespace is live exactly while that shared memory has a lock holder, whatever happens
+to the files in ``shm_dir``.
+
 Attach: take ``INIT_LOCK``; create the registry, or validate it (a stale set left by a
-crash - no slot lock held by anyone - is re-initialised, a live one with another layout
-is refused); claim the first slot whose liveness lock is free; bump its incarnation and
-reset its ring under the ring lock; release ``INIT_LOCK``.
+crash - no slot lock held by anyone and no live process listed - is re-initialised, a
+live one with another layout or ``shm_dir`` is refused); claim the first slot whose
+liveness lock is free; bump its incarnation and reset its ring under the ring lock;
+release ``INIT_LOCK``.
 
 Detach: mark the slot free; under ``INIT_LOCK`` release the slot lock; if no slot lock
 is held by anyone the caller was the last one out and unlinks every name.
@@ -120,8 +125,10 @@ class Namespace:
             cfg.ring_bytes, cfg.channel_buckets, cfg.max_groups_per_process
         )
         self.max_p = cfg.max_participants
-        self.lock_path = f"{cfg.shm_dir}/{self.ns}.lock"
         self.reg_name = f"/{self.ns}.reg"
+        # the locks live on the registry's own file (see the module docstring)
+        self.lock_path = f"{L.SHM_FS}{self.reg_name}"
+        self._unlinked_told = False
         self.slots: dict[int, SlotView] = {}
         self.slots_lock = threading.Lock()
         self.lockfile: LockFile | None = None
@@ -214,6 +221,12 @@ class Namespace:
             ) from None
         hdr = reg.buf[: L.REG_HEADER.size]
         current = L.REG_HEADER.unpack_from(hdr)[:6]
+        if not anyone_alive and not reg.created:
+            try:
+                self._refuse_listed_alive(reg, current)
+            except BaseException:
+                reg.close()
+                raise
         if anyone_alive:
             if tuple(current) != self._header_values():
                 reg.close()
@@ -224,6 +237,15 @@ class Namespace:
                     "process of a host must use the same sizing keys (ring_bytes defaults "
                     "from max_message_bytes: set that the same everywhere too)"
                 )
+            theirs = _text(reg.buf, L.H_SHM_DIR, L.H_SHM_DIR_LEN)
+            if theirs and theirs != self.cfg.shm_dir:
+                reg.close()
+                raise NamespaceMismatch(
+                    f"{self.ns} is in use by live processes with CONFIG['shm_dir'] "
+                    f"{theirs!r}, this process has {self.cfg.shm_dir!r}: their doorbells "
+                    "could not wake each other; give every process of a host the same "
+                    "shm_dir (or another prefix/host_id for a separate namespace)"
+                )
         else:
             # first one in, or a stale set left by a crash: (re)initialise everything
             if not reg.created and tuple(current) == self._header_values():
@@ -232,6 +254,8 @@ class Namespace:
             L.REG_HEADER.pack_into(
                 reg.buf, 0, *self._header_values(), -1, 0, 0, 0, 0, 0, time.time()
             )
+            _put_text(reg.buf, L.H_SHM_DIR, L.H_SHM_DIR_LEN, self.cfg.shm_dir)
+            L.U64.pack_into(reg.buf, L.H_FLUSH_CHECK, L.FLUSH_CHECK_KEY)  # epoch 0
             for i in range(self.max_p):
                 # a stale slot segment may have another size (layout changed)
                 unlink(self.slot_name(i))
@@ -241,6 +265,61 @@ class Namespace:
         self.reg_s = reg.cast(self.reg_hdr, "i")
         self.reg_i = reg.cast(reg.buf, "I")  # whole registry: header and slot records
         self.reg_all_q = reg.cast(reg.buf, "Q")
+
+    def _refuse_listed_alive(self, reg: Segment, header: tuple[int, ...]) -> None:
+        """Nobody holds a slot lock, yet the registry exists: before it is zeroed, make
+        sure no process it lists as live is still running (one that locks elsewhere: an
+        older hybrid_layer, which kept its locks in ``<shm_dir>/<ns>.lock``). Zeroing
+        would cut every such worker off without a word."""
+        if header[0] != L.MAGIC:
+            return
+        max_p = min(header[3], (reg.size - L.PAGE) // L.REG_SLOT_SIZE)
+        alive = []
+        for i in range(max_p):
+            off = L.reg_slot_offset(i)
+            state, _gen, pid, _started = L.REG_SLOT.unpack_from(reg.buf, off)
+            if state != L.SLOT_LIVE or pid <= 0 or pid == os.getpid():
+                continue
+            recorded = L.U64.unpack_from(reg.buf, off + L.REG_PSTART_OFFSET)[0]
+            now = proc_start(pid)
+            if now >= 0 and (recorded == 0 or recorded == now):
+                alive.append(pid)
+        if alive:
+            log.error(
+                "hybrid_layer: %s lists live process(es) %s that hold none of its locks; "
+                "refusing to re-initialise it under them",
+                self.ns,
+                alive,
+            )
+            raise NamespaceMismatch(
+                f"{self.ns} lists live process(es) {alive} (layout version {header[1]}) "
+                f"that hold none of the locks on {self.lock_path}: they run another "
+                "hybrid_layer version (before layout 5 the locks were in "
+                f"<shm_dir>/{self.ns}.lock). Re-initialising would cut them off; stop "
+                "them first, or give this process another CONFIG['prefix']"
+            )
+
+    def registry_unlinked(self) -> bool:
+        """True (and an ERROR, once) if our registry's name was removed under us (e.g.
+        systemd-logind ``RemoveIPC=yes`` at the site user's logout, or a /dev/shm
+        cleaner): processes started from now on build a new namespace and cannot reach
+        this one."""
+        lf = self.lockfile
+        if lf is None or lf.is_current():
+            return False
+        if not self._unlinked_told:
+            self._unlinked_told = True
+            log.error(
+                "hybrid_layer: the shared memory %s of this live process (pid %d) was "
+                "removed by something outside the layer (systemd-logind RemoveIPC=yes "
+                "when the site's user logs out? a /dev/shm cleaner?). Processes started "
+                "from now on cannot reach this one. Run the site as a system user or set "
+                "RemoveIPC=no in logind.conf, exclude hl.* from cleaners, then restart "
+                "every process of the site",
+                self.lock_path,
+                os.getpid(),
+            )
+        return True
 
     def _slot_segment(self, i: int, *, create: bool) -> SlotView | None:
         with self.slots_lock:
@@ -291,6 +370,7 @@ class Namespace:
         off = L.reg_slot_offset(i)
         self.reg.buf[off + 4 : off + L.REG_SLOT_SIZE] = bytes(L.REG_SLOT_SIZE - 4)
         L.REG_SLOT.pack_into(self.reg.buf, off, L.SLOT_FREE, gen, os.getpid(), time.time())
+        L.U64.pack_into(self.reg.buf, off + L.REG_PSTART_OFFSET, max(0, proc_start(os.getpid())))
         self.reg_i[off // 4] = L.SLOT_LIVE  # one store: readers see FREE or LIVE
         self._bump_slots_epoch()
 
@@ -667,6 +747,25 @@ class Namespace:
         self._close_maps()
         self.lockfile = None
         self.me = -1
+
+
+def proc_start(pid: int) -> int:
+    """Start time of process ``pid`` in clock ticks since boot; -1 if there is none."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+        return int(data.rsplit(b")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return -1
+
+
+def _text(buf: memoryview, off: int, n: int) -> str:
+    return bytes(buf[off : off + n]).split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+def _put_text(buf: memoryview, off: int, n: int, value: str) -> None:
+    raw = value.encode("utf-8")[: n - 1]
+    buf[off : off + n] = raw + bytes(n - len(raw))
 
 
 # x86-64 orders everything but store->load; a lock-prefixed instruction (what an

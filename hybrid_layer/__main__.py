@@ -73,6 +73,9 @@ def status(prefix: str, host_id: str | None) -> dict[str, Any]:
             ),
             "binding_syncs": syncs,
             "namespace": cfg.namespace,
+            "site": bytes(m[L.H_SITE_LABEL : L.H_SITE_LABEL + L.H_SITE_LABEL_LEN])
+            .split(b"\0", 1)[0]
+            .decode("utf-8", "replace"),
             "exists": True,
             "max_participants": max_p,
             "ring_bytes": hdr[2],
@@ -102,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{info['namespace']}: leader pid {info['leader_pid']} (epoch {info['leader_epoch']}),"
         f" {len(info['participants'])} participant(s), ring {info['ring_bytes']} bytes,"
-        f" RabbitMQ link {info['link']}"
+        f" RabbitMQ link {info['link']}" + (f", site {info['site']!r}" if info["site"] else "")
     )
     for p in info["participants"]:
         dropped = {k[8:]: v for k, v in p.items() if k.startswith("dropped_") and v}

@@ -30,7 +30,7 @@ from .shm import layout as L
 from .shm.groupset import name_hash
 from .shm.layout import Q_HEAD, Q_TAIL, STATS_FIELDS
 from .shm.registry import FULL_RING, LINK_DOWN, NO_CHANNEL, OK
-from .stats import ChannelStatistics, Statistics, broker_counts, split
+from .stats import ChannelStatistics, Statistics, broker_counts, integrity_counts, split
 
 _monotonic = time.monotonic
 _perf = time.perf_counter
@@ -316,6 +316,7 @@ class HybridChannelLayer(BaseChannelLayer):  # type: ignore[misc]
                 "groups": len(p.groups),
                 "normal_readers": len(p.readers),
                 "parked": sum(len(q) for q in p.parked.values()),
+                **integrity_counts(p.counters.as_dict()),
             },
             broker=self._broker_info(p, p.counters.as_dict()),
         )
@@ -372,6 +373,7 @@ class HybridChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             is_leader=p.ns.is_leader,
             pid=os.getpid(),
             slot=p.slot,
+            extra=integrity_counts(totals),
             broker=self._broker_info(p, totals),
         )
 

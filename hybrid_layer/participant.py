@@ -94,6 +94,8 @@ class Participant:
         assert self.ns.own is not None
         self.own: SlotView = self.ns.own
         self.counters = Counters()
+        if self.ns.site_clash:  # (logged by the namespace)
+            self.counters.site_clash += 1
         if self.ns.claimed_dropped:  # our slot's dead owner had left messages unread
             self.counters.dropped_dead_reader += self.ns.claimed_dropped
             log.warning(

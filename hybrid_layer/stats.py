@@ -74,3 +74,9 @@ def split(values: dict[str, int]) -> tuple[dict[str, int], dict[str, int]]:
 def broker_counts(values: dict[str, int]) -> dict[str, int]:
     """published, confirmed, returned, received, reconnects (the leader's link)."""
     return {k[len("broker_") :]: v for k, v in values.items() if k.startswith("broker_")}
+
+
+def integrity_counts(values: dict[str, int]) -> dict[str, int]:
+    """``repaired`` (corrupted shared control words found and repaired) and
+    ``site_clash`` (another site seen sharing this namespace): in ``extra``."""
+    return {"repaired": values["repaired"], "site_clash": values["site_clash"]}

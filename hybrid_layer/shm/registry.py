@@ -435,7 +435,8 @@ class Namespace:
         return state, gen, pid, started
 
     def _bump_slots_epoch(self) -> None:
-        self.reg_q[L.HQ_SLOTS_EPOCH] += 1
+        q = self.reg_q
+        q[L.HQ_SLOTS_EPOCH] = (q[L.HQ_SLOTS_EPOCH] + 1) & _U64  # (a corrupted word wraps)
 
     # ------------------------------------------------------------------ rings
     @contextlib.contextmanager
@@ -624,7 +625,7 @@ class Namespace:
         self.reg_i[L.HI_LEADER_GEN] = self.gen
         self.reg_s[L.Hi_LEADER_PID] = os.getpid()
         self.reg_s[L.Hi_LEADER_SLOT] = self.me
-        self.reg_q[L.HQ_LEADER_EPOCH] += 1
+        self.reg_q[L.HQ_LEADER_EPOCH] = (self.reg_q[L.HQ_LEADER_EPOCH] + 1) & _U64
         return True
 
     def leader(self) -> Leader:
@@ -666,14 +667,94 @@ class Namespace:
                 with self.ring_locked(sv):
                     sv.cq[L.Q_FLUSH_UPTO] = sv.ring.tail
                 touched.append(sv)
-            epoch = self.flush_epoch() + 1
+            epoch = (self.flush_epoch() + 1) & _U64
             self.reg_q[L.HQ_FLUSH_EPOCH] = epoch
+            self.reg_q[L.H_FLUSH_CHECK // 8] = epoch ^ L.FLUSH_CHECK_KEY
         finally:
             lf.release(L.FLUSH_LOCK)
         for sv in touched:
             if sv.index != self.me:
                 sv.rescue.ring()  # the owner's host thread applies it and acknowledges
         return epoch
+
+    # ------------------------------------------------------------------ word repair
+    def flush_epoch_checked(self, seen: int) -> tuple[int, bool]:
+        """The flush epoch, validated against its check word: (epoch, repaired).
+
+        A flusher stores the epoch then its check word, under ``FLUSH_LOCK``; a mismatch
+        that outlasts that lock is a corrupted word. The one that is a plausible
+        successor of ``seen`` (the epoch this process last applied) wins, else ``seen``
+        is restored: a corrupted epoch must not be taken for a flush (which would erase
+        every process's group memberships), nor stall every flush after it."""
+        q = self.reg_q
+        ck = L.H_FLUSH_CHECK // 8
+        epoch = q[L.HQ_FLUSH_EPOCH]
+        if q[ck] ^ L.FLUSH_CHECK_KEY == epoch:
+            return epoch, False
+        lf = self.lockfile
+        assert lf is not None
+        lf.acquire(L.FLUSH_LOCK)
+        try:
+            epoch = q[L.HQ_FLUSH_EPOCH]
+            from_check = q[ck] ^ L.FLUSH_CHECK_KEY
+            if from_check == epoch:
+                return epoch, False  # a flusher was between its two stores
+            if 0 <= from_check - seen <= 1024:
+                good = from_check
+            elif 0 < epoch - seen <= 1024:
+                good = epoch
+            else:
+                good = seen
+            q[L.HQ_FLUSH_EPOCH] = good
+            q[ck] = good ^ L.FLUSH_CHECK_KEY
+        finally:
+            lf.release(L.FLUSH_LOCK)
+        log.error(
+            "hybrid_layer: corrupted flush epoch of %s repaired (epoch %#x, check word "
+            "said %#x, kept %d)",
+            self.ns,
+            epoch,
+            from_check,
+            good,
+        )
+        return good, True
+
+    def repair_own_words(self, is_leader: bool) -> list[str]:
+        """Owner: put back any of its shared words that do not say what it knows (its
+        slot's state and incarnation, its registry record, its leader fields, a flush
+        position past the ring's tail). Returns what was repaired."""
+        sv, reg = self.own, self.reg
+        if sv is None or reg is None or self.me < 0:
+            return []
+        fixed = []
+        ci, gen, me, pid = sv.ci, self.gen, self.me, os.getpid()
+        if ci[L.I_STATE] != L.SLOT_LIVE or ci[L.I_GEN] != gen:
+            with self.ring_locked(sv):
+                fixed.append(f"slot state/gen {ci[L.I_STATE]}/{ci[L.I_GEN]:#x}")
+                ci[L.I_GEN] = gen
+                ci[L.I_STATE] = L.SLOT_LIVE
+        w = L.reg_slot_offset(me) // 4
+        ri, rs = self.reg_i, self.reg_s
+        if ri[w] != L.SLOT_LIVE or ri[w + 1] != gen or ri[w + 2] != pid:
+            fixed.append(f"registry record {ri[w]}/{ri[w + 1]:#x}/{ri[w + 2]}")
+            ri[w + 1] = gen
+            ri[w + 2] = pid
+            ri[w] = L.SLOT_LIVE
+            self._bump_slots_epoch()
+        if is_leader and (
+            rs[L.Hi_LEADER_SLOT] != me or ri[L.HI_LEADER_GEN] != gen or rs[L.Hi_LEADER_PID] != pid
+        ):
+            fixed.append("leader fields")
+            rs[L.Hi_LEADER_SLOT] = -1
+            ri[L.HI_LEADER_GEN] = gen
+            rs[L.Hi_LEADER_PID] = pid
+            rs[L.Hi_LEADER_SLOT] = me
+        if sv.cq[L.Q_FLUSH_UPTO] > sv.ring.tail:
+            with self.ring_locked(sv):
+                if sv.cq[L.Q_FLUSH_UPTO] > sv.ring.tail:
+                    fixed.append(f"flush position {sv.cq[L.Q_FLUSH_UPTO]:#x}")
+                    sv.cq[L.Q_FLUSH_UPTO] = sv.ring.head
+        return fixed
 
     def flush_upto(self) -> int:
         assert self.own is not None
@@ -796,6 +877,9 @@ class Namespace:
         self._close_maps()
         self.lockfile = None
         self.me = -1
+
+
+_U64 = (1 << 64) - 1
 
 
 def proc_start(pid: int) -> int:

@@ -1124,15 +1124,26 @@ class Participant:
         return len(fixed)
 
     def _buckets_corrupt(self) -> bool:
-        """A capacity counter that cannot be: negative, or over every capacity (a
-        writer counts a message only while its channel is under capacity)."""
-        bk = self.own.bk
+        """A capacity counter that cannot be: over every capacity (a writer counts a
+        message only while its channel is under capacity; a negative difference is a
+        huge one here), or - while the inbox is empty - not what is queued here."""
+        own = self.own
+        bk = own.bk
         cfg = self.cfg
         bound = max([cfg.capacity, *(c for _, c in cfg.channel_capacity)])
+        local: dict[int, int] | None = None
+        if own.ring.used() == 0:
+            local = {}
+            with self.lock:
+                for store in (self.queues, self.parked):
+                    for q in store.values():
+                        for item in q:
+                            if item.bucket >= 0:
+                                local[item.bucket] = local.get(item.bucket, 0) + 1
         for k in range(0, len(bk), 2):
             d = (bk[k] - bk[k + 1]) & 0xFFFFFFFF
-            if d > bound:  # (a negative difference is a huge one here)
-                return True
+            if d > bound or (local is not None and d != local.get(k >> 1, 0)):
+                return True  # (a race with a writer is rechecked under the ring lock)
         return False
 
     def sweep(self) -> None:

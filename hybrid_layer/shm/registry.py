@@ -682,10 +682,10 @@ class Namespace:
         """The flush epoch, validated against its check word: (epoch, repaired).
 
         A flusher stores the epoch then its check word, under ``FLUSH_LOCK``; a mismatch
-        that outlasts that lock is a corrupted word. The one that is a plausible
-        successor of ``seen`` (the epoch this process last applied) wins, else ``seen``
-        is restored: a corrupted epoch must not be taken for a flush (which would erase
-        every process's group memberships), nor stall every flush after it."""
+        that outlasts that lock is a corrupted word. The check word's epoch wins if it
+        is a plausible successor of ``seen`` (the epoch this process last applied), else
+        ``seen`` is restored: a corrupted epoch must not be taken for a flush (which
+        would erase every process's group memberships), nor stall every flush after."""
         q = self.reg_q
         ck = L.H_FLUSH_CHECK // 8
         epoch = q[L.HQ_FLUSH_EPOCH]
@@ -699,12 +699,10 @@ class Namespace:
             from_check = q[ck] ^ L.FLUSH_CHECK_KEY
             if from_check == epoch:
                 return epoch, False  # a flusher was between its two stores
-            if 0 <= from_check - seen <= 1024:
-                good = from_check
-            elif 0 < epoch - seen <= 1024:
-                good = epoch
-            else:
-                good = seen
+            # an epoch its check word does not confirm is never taken for a flush (it
+            # would erase every membership); a flush whose check word was hit in the
+            # same instant is lost instead, and logged
+            good = from_check if 0 <= from_check - seen <= 1024 else seen
             q[L.HQ_FLUSH_EPOCH] = good
             q[ck] = good ^ L.FLUSH_CHECK_KEY
         finally:

@@ -60,6 +60,7 @@ class Pair:
     def __init__(self, a: Any, b: Any, chans: dict[str, Any]) -> None:
         self.a, self.b, self.chans = a, b, chans
         self.pa, self.pb = a._p(), b._p()
+        self.ps = (self.pa, self.pb)
 
     @classmethod
     async def start(cls, config: dict[str, Any]) -> Pair:
@@ -85,9 +86,13 @@ class Pair:
         await b.send(c["direct"], {"type": "direct", "n": tag})
         await b.group_send("room", {"type": "group", "n": tag})
         await a.send(c["b"], {"type": "back", "n": tag})
-        got = [await asyncio.wait_for(a.receive(c["direct"]), 5)]
-        got.append(await asyncio.wait_for(a.receive(c["member"]), 5))
-        got.append(await asyncio.wait_for(b.receive(c["b"]), 5))
+        try:
+            got = [await asyncio.wait_for(a.receive(c["direct"]), 5)]
+            got.append(await asyncio.wait_for(a.receive(c["member"]), 5))
+            got.append(await asyncio.wait_for(b.receive(c["b"]), 5))
+        except TimeoutError:
+            counts = [{k: v for k, v in p.counters.as_dict().items() if v} for p in self.ps]
+            raise AssertionError(f"not delivered; counters {counts}") from None
         assert got == [
             {"type": "direct", "n": tag},
             {"type": "group", "n": tag},
@@ -160,3 +165,17 @@ def test_fuzz_registry_and_slot_words(layer_config: dict[str, Any]) -> None:
     finally:
         loop.run_until_complete(pair.close())
         loop.close()
+
+
+async def test_in_range_capacity_counter_is_rederived_when_the_inbox_is_empty(
+    layer_config: dict[str, Any],
+) -> None:
+    pair = await Pair.start(layer_config)
+    try:
+        b = 2 * names.parse(pair.chans["direct"]).bucket
+        bk = pair.pa.own.bk
+        bk[b + 1] = (bk[b] - 100) & 0xFFFFFFFF  # reads "full" (capacity 100), in range
+        await pair.repair_and_check(1)
+        assert pair.pa.counters.repaired == 1
+    finally:
+        await pair.close()

@@ -116,7 +116,7 @@ def _read(cfg: LayerConfig, m: mmap.mmap, size: int, info: dict[str, Any]) -> di
         info["error"] = f"registry says {max_p} slots but has only {size} bytes"
         return info
     leader_slot, _gen, leader_pid = L.LEADER_FIELDS.unpack_from(m, L.H_LEADER)
-    lock_path = f"{cfg.shm_dir}/{cfg.namespace}.lock"
+    lock_path = f"{L.SHM_FS}/{cfg.namespace}.reg"  # the locks are on the registry's own file
     try:
         lf: LockFile | None = LockFile(lock_path, cfg.mode) if os.path.exists(lock_path) else None
     except OSError:
@@ -164,6 +164,9 @@ def _read(cfg: LayerConfig, m: mmap.mmap, size: int, info: dict[str, Any]) -> di
                 link, "none (single host, or no leader)"
             ),
             "binding_syncs": syncs,
+            "site": bytes(m[L.H_SITE_LABEL : L.H_SITE_LABEL + L.H_SITE_LABEL_LEN])
+            .split(b"\0", 1)[0]
+            .decode("utf-8", "replace"),
             "max_participants": max_p,
             "ring_bytes": ring_bytes,
             "leader_pid": leader_pid,
@@ -226,7 +229,7 @@ def render(info: dict[str, Any]) -> str:
         f"{ns}: owner uid {info['owner_uid']} ({info['owner']}), leader pid "
         f"{info['leader_pid']} (epoch {info['leader_epoch']}), "
         f"{len(info['participants'])} participant(s), ring {info['ring_bytes']} bytes,"
-        f" RabbitMQ link {info['link']}"
+        f" RabbitMQ link {info['link']}" + (f", site {info['site']!r}" if info["site"] else "")
     )
     out.append(f"  host: pending {info['pending']}")
     out.extend("    " + x for x in _counters(info["totals"], all_=True))

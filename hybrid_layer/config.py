@@ -156,6 +156,11 @@ class LayerConfig:
     max_groups_per_process: int = 16384
     shm_dir: str = "/dev/shm"
     mode: int = 0o600
+    #: what identifies the site (Django project) using this namespace; two sites that
+    #: set different values and share a prefix and host are refused (NamespaceMismatch).
+    #: Empty: guessed from DJANGO_SETTINGS_MODULE and settings.BASE_DIR (a clash is only
+    #: logged as an ERROR and counted: a guess may differ between a site's own processes)
+    site: str = ""
     #: µs an idle receive() polls its inbox before sleeping (0 = never; see README)
     receive_spin_us: int = 0
     # ---- broker mode (RabbitMQ); empty ``broker_urls`` = single host
@@ -320,6 +325,14 @@ def parse_config(raw: Mapping[str, Any] | None = None, **kwargs: Any) -> LayerCo
         if not mode & 0o600 == 0o600:
             raise ValueError("CONFIG['mode'] must let the owner read and write (0o600 bits)")
         out["mode"] = mode
+    if "site" in values:
+        site = values["site"]
+        if not isinstance(site, str) or not 0 < len(site.encode()) <= 200:
+            raise ValueError(
+                f"CONFIG['site'] must be a non-empty str of at most 200 bytes naming the "
+                f"site (e.g. the project's name), got {site!r}"
+            )
+        out["site"] = site
     if "receive_spin_us" in values:
         out["receive_spin_us"] = _number(
             "receive_spin_us", values["receive_spin_us"], minimum=0, maximum=10_000, integer=True

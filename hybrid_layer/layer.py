@@ -30,7 +30,14 @@ from .shm import layout as L
 from .shm.groupset import name_hash
 from .shm.layout import Q_HEAD, Q_TAIL, STATS_FIELDS
 from .shm.registry import FULL_RING, LINK_DOWN, NO_CHANNEL, OK
-from .stats import ChannelStatistics, Statistics, broker_counts, bucket_pending, split
+from .stats import (
+    ChannelStatistics,
+    Statistics,
+    broker_counts,
+    bucket_pending,
+    integrity_counts,
+    split,
+)
 
 _monotonic = time.monotonic
 _perf = time.perf_counter
@@ -349,6 +356,7 @@ class HybridChannelLayer(BaseChannelLayer):  # type: ignore[misc]
                 "parked": sum(len(q) for q in p.parked.values()),
                 # sends whose wake-up was not written: the bell was not a FIFO of ours
                 "doorbells_refused": p.ns.doorbells_refused(),
+                **integrity_counts(p.counters.as_dict()),
             },
             broker=self._broker_info(p, p.counters.as_dict()),
         )
@@ -417,6 +425,7 @@ class HybridChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             is_leader=p.ns.is_leader,
             pid=os.getpid(),
             slot=p.slot,
+            extra=integrity_counts(totals),
             broker=self._broker_info(p, totals),
         )
 

@@ -43,7 +43,7 @@ from .envelope import decode_args, encode_args
 from .errors import LayerClosed
 from .routing import Action, GroupTable, Route, route
 from .shm import layout as L
-from .shm.groupset import TAG_GROUP, TAG_NORMAL, name_hash
+from .shm.groupset import TAG_GROUP, TAG_NORMAL, TAG_OTHER, TOMBSTONE, name_hash
 from .shm.registry import (
     FULL_CHANNEL,
     FULL_RING,
@@ -100,6 +100,8 @@ class Participant:
         assert self.ns.own is not None
         self.own: SlotView = self.ns.own
         self.counters = Counters()
+        if self.ns.site_clash:  # (logged by the namespace)
+            self.counters.site_clash += 1
         if self.ns.claimed_dropped:  # our slot's dead owner had left messages unread
             self.counters.drop(
                 "dead_reader",
@@ -817,6 +819,9 @@ class Participant:
         n = 0
         with self.read_lock:
             upto = self.ns.flush_upto()
+            if upto > ring.tail:  # a corrupted word: it would discard every record
+                self.check_words()
+                upto = self.ns.flush_upto()
             now = _monotonic()
             while True:
                 pos = ring.head
@@ -1173,7 +1178,9 @@ class Participant:
 
     # ================================================================ maintenance
     def check_flush(self) -> None:
-        epoch = self.ns.flush_epoch()
+        epoch, repaired = self.ns.flush_epoch_checked(self.flush_seen)
+        if repaired:
+            self.counters.repaired += 1
         if epoch == self.flush_seen:
             return
         with self.lock:
@@ -1210,6 +1217,69 @@ class Participant:
                 self.link.request_flush()
             for channel in self.readers:  # readers are live receivers: keep them
                 self.own.groups.add(name_hash("n", channel))
+
+    def check_words(self) -> int:
+        """Validate this process's control words in shared memory and repair what a
+        corrupted byte changed; each repair is counted (``repaired``) and logged.
+        Called by the host thread every SWEEP_EVERY. Returns the repairs made."""
+        fixed = self.ns.repair_own_words(self.ns.is_leader)
+        own = self.own
+        with self.lock:
+            gs = own.groups
+            if gs.cq[L.Q_GROUP_SEQ] & 1:  # we write it only under self.lock: stuck odd
+                fixed.append(f"group set seqlock {gs.cq[L.Q_GROUP_SEQ]:#x}")
+                gs.cq[L.Q_GROUP_SEQ] = (gs.cq[L.Q_GROUP_SEQ] + 1) & 0xFFFFFFFFFFFFFFFF
+            want = {name_hash("g", g) for g in self.groups.groups}
+            want |= {name_hash("n", ch) for ch in self.readers}
+            want |= {name_hash("p", ch) for ch in self.parked}
+            have = [v for v in gs.table if v]
+            live = {v for v in have if v > TOMBSTONE}
+            extra = {h for h in live - want if h & 3 != TAG_OTHER}  # (flags: the link's)
+            if not want <= live or extra or gs.used != len(have) or gs.used > gs.slots:
+                fixed.append(f"group set ({len(want - live)} missing, {len(extra)} foreign)")
+                keep = want | {h for h in live if h & 3 == TAG_OTHER and h not in extra}
+                gs.clear()
+                for h in keep:
+                    gs.add(h)
+        if self._buckets_corrupt():
+            with self.read_lock, self.ns.ring_locked(own):
+                if own.ring.used() == 0:  # else: writers are busy, look again later
+                    before = own.bk.tobytes()
+                    self._resync_buckets()  # exact: the ring is empty
+                    if own.bk.tobytes() != before:
+                        fixed.append("capacity counters")
+        if fixed:
+            self.counters.repaired += len(fixed)
+            limited.warning(
+                "repaired",
+                "hybrid_layer: repaired corrupted shared words of slot %d: %s",
+                self.slot,
+                "; ".join(fixed),
+            )
+        return len(fixed)
+
+    def _buckets_corrupt(self) -> bool:
+        """A capacity counter that cannot be: over every capacity (a writer counts a
+        message only while its channel is under capacity; a negative difference is a
+        huge one here), or - while the inbox is empty - not what is queued here."""
+        own = self.own
+        bk = own.bk
+        cfg = self.cfg
+        bound = max([cfg.capacity, *(c for _, c in cfg.channel_capacity)])
+        local: dict[int, int] | None = None
+        if own.ring.used() == 0:
+            local = {}
+            with self.lock:
+                for store in (self.queues, self.parked):
+                    for q in store.values():
+                        for item in q:
+                            if item.bucket >= 0:
+                                local[item.bucket] = local.get(item.bucket, 0) + 1
+        for k in range(0, len(bk), 2):
+            d = (bk[k] - bk[k + 1]) & 0xFFFFFFFF
+            if d > bound or (local is not None and d != local.get(k >> 1, 0)):
+                return True  # (a race with a writer is rechecked under the ring lock)
+        return False
 
     def sweep(self) -> None:
         """Drop expired messages from local queues (and parked ones)."""
@@ -1473,6 +1543,8 @@ class HostThread(threading.Thread):
                 self._next_sweep = now + SWEEP_EVERY
                 p.drain(None)
                 p.sweep()
+                p.ns.registry_unlinked()
+                p.check_words()
                 p.ns.publish_stats(p.counters.values())
         except Exception:
             log.exception("hybrid_layer: housekeeping failed; retrying")

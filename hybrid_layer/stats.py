@@ -112,3 +112,9 @@ def bucket_pending(bk: Sequence[int]) -> int:
             if d < 0x80000000:
                 total += d
     return total
+
+
+def integrity_counts(values: dict[str, int]) -> dict[str, int]:
+    """``repaired`` (corrupted shared control words found and repaired) and
+    ``site_clash`` (another site seen sharing this namespace): in ``extra``."""
+    return {"repaired": values["repaired"], "site_clash": values["site_clash"]}

@@ -20,6 +20,7 @@ from functools import lru_cache
 from .layout import I_GROUP_USED, Q_GROUP_CHANGES, Q_GROUP_SEQ
 
 EMPTY = 0
+_U64 = (1 << 64) - 1
 TOMBSTONE = 1
 
 
@@ -119,7 +120,7 @@ class GroupSet:
             return
         table, mask = self.table, self.mask
         i = (h >> 2) & mask  # the low two bits are the tag
-        while True:
+        for _ in range(self.slots):
             v = table[i]
             if v == EMPTY:
                 self.ci[I_GROUP_USED] = self.used + 1
@@ -131,9 +132,10 @@ class GroupSet:
                 self._changed()
                 return
             i = (i + 1) & mask
+        self._rebuild(extra=h)  # no free entry: ``used`` was wrong (a corrupted word)
 
     def _changed(self) -> None:
-        self.cq[Q_GROUP_CHANGES] = self.cq[Q_GROUP_CHANGES] + 1
+        self.cq[Q_GROUP_CHANGES] = (self.cq[Q_GROUP_CHANGES] + 1) & _U64  # (wraps)
 
     def discard(self, h: int) -> None:
         i = self._find(h)
@@ -156,7 +158,7 @@ class GroupSet:
             raw[:] = bytes(self.slots * 8)
 
     def _bump(self) -> None:
-        self.cq[Q_GROUP_SEQ] = self.cq[Q_GROUP_SEQ] + 1
+        self.cq[Q_GROUP_SEQ] = (self.cq[Q_GROUP_SEQ] + 1) & _U64  # (wraps)
 
     def _rebuild(self, extra: int) -> None:
         keep = self.live()

@@ -2,12 +2,15 @@
 
 A *namespace* (``hl.<prefix>.<host_id>``) consists of
 
-* ``<shm_dir>/<ns>.lock`` - a regular file whose bytes carry the fcntl OFD locks (below);
-* ``/<ns>.reg`` - the registry segment: a header and one small record per participant slot;
+* ``/<ns>.reg`` - the registry segment: a header and one small record per participant
+  slot. Its file (``/dev/shm/<ns>.reg``) also carries every fcntl OFD lock (below), so a
+  namespace is live exactly while its shared memory has a lock holder: deleting a file
+  in ``shm_dir`` or configuring another ``shm_dir`` can no longer make a live namespace
+  look dead (layout 5; before, the locks were in ``<shm_dir>/<ns>.lock``);
 * ``/<ns>.s<i>`` - slot *i*'s segment: ring control, capacity buckets, group set, ring data;
 * ``<shm_dir>/<ns>.bell<i>`` and ``<ns>.rescue<i>`` - FIFOs that wake slot *i*'s owner.
 
-Lock bytes in the lock file (fcntl *open file description* locks, released by the kernel
+Lock bytes of the registry's file (fcntl *open file description* locks, released by the kernel
 when the holder dies - this is what makes the layer survive SIGKILL at any instruction):
 
 * ``INIT_LOCK``: held while a process attaches or detaches (creation, last-out cleanup);
@@ -27,7 +30,12 @@ MAGIC = 0x48594252_4C415931  # "HYBRLAY1"
 VERSION = 5  # 2: broker mode (outbound kinds, link words, tagged hashes); 3: broker_batches;
 # 4: the host-queue dedupe table, link reason and sync-time words, new counters;
 # 5: dropped_unauthenticated, the dedupe table's OWN bit; ring records carry a 12-bit
-# name length (UTF-8 names up to NAME_MAX bytes)
+# name length (UTF-8 names up to NAME_MAX bytes); locks on the registry's own file,
+# shm_dir and site recorded, process start times, flush-epoch check word,
+# repaired/site_clash counters
+
+#: where Linux (glibc's shm_open) keeps POSIX shared memory: ``/<name>`` is this file
+SHM_FS = "/dev/shm"
 
 INIT_LOCK = 0
 LEADER_LOCK = 1
@@ -57,6 +65,20 @@ Hi_LEADER_PID = H_LEADER // 4 + 2
 LEADER_FIELDS = struct.Struct("@iIi")
 REG_SLOT = struct.Struct("<IIid")  # state, gen, pid, started
 REG_SLOT_SIZE = 512
+#: in a slot record: the owner's start time (clock ticks since boot, /proc/<pid>/stat),
+#: so a pid is taken for the owner's only while it is the same process (u64)
+REG_PSTART_OFFSET = 24
+# header page, layout 5: what every process of the namespace must agree on, as text
+H_SHM_DIR = 1024  # utf-8, NUL-padded: the shm_dir of the namespace's bells
+H_SHM_DIR_LEN = 256
+H_SITE = 1280  # u64 fingerprint (0: unknown), u64 flags (SITE_EXPLICIT), label text
+H_SITE_LABEL = H_SITE + 16
+H_SITE_LABEL_LEN = 240
+SITE_EXPLICIT = 1
+#: u64 = flush epoch ^ FLUSH_CHECK_KEY, written after the epoch: a flip of either word
+#: is told from a real flush (see Namespace.flush_epoch_checked)
+H_FLUSH_CHECK = 1536
+FLUSH_CHECK_KEY = 0x5A17_F1A5_C0DE_D00D
 REG_STATS_OFFSET = 64  # inside a registry slot record: mirrored statistics counters
 STATS_FIELDS = (
     "sent",
@@ -91,6 +113,9 @@ STATS_FIELDS = (
     # issue 12: refused frames from the broker (a token that does not authenticate, a
     # replay, a route it was not sealed for, a spoofed origin)
     "dropped_unauthenticated",
+    # layout 5
+    "repaired",  # corrupted control words found and repaired (see Participant.check_words)
+    "site_clash",  # another site found sharing this namespace (see Namespace.check_site)
 )
 REG_STATS = struct.Struct("@" + "Q" * len(STATS_FIELDS))
 # the leader's link words, in its own registry slot record (u64 each, typed-view access):
@@ -134,6 +159,8 @@ DEDUP_ENTRIES = 64
 DEDUP_WORDS = 3  # nonce, high-water mark, last used (monotonic ms)
 DQ_BASE = DEDUP_OFFSET // 8
 assert DEDUP_OFFSET + DEDUP_ENTRIES * DEDUP_WORDS * 8 <= PAGE
+assert REG_HEADER.size <= H_SHM_DIR
+assert H_SITE_LABEL + H_SITE_LABEL_LEN <= H_FLUSH_CHECK < DEDUP_OFFSET
 
 SLOT_FREE = 0
 SLOT_LIVE = 1

@@ -1,9 +1,14 @@
 """A process's attachment to its host namespace: slots, rings, liveness, cleanup.
 
+Every lock is a byte of the registry segment's own file (``/dev/shm/<ns>.reg``): the
+namespace is live exactly while that shared memory has a lock holder, whatever happens
+to the files in ``shm_dir``.
+
 Attach: take ``INIT_LOCK``; create the registry, or validate it (a stale set left by a
-crash - no slot lock held by anyone - is re-initialised, a live one with another layout
-is refused); claim the first slot whose liveness lock is free; bump its incarnation and
-reset its ring under the ring lock; release ``INIT_LOCK``.
+crash - no slot lock held by anyone and no live process listed - is re-initialised, a
+live one with another layout or ``shm_dir`` is refused); claim the first slot whose
+liveness lock is free; bump its incarnation and reset its ring under the ring lock;
+release ``INIT_LOCK``.
 
 Detach: mark the slot free; under ``INIT_LOCK`` release the slot lock; if no slot lock
 is held by anyone the caller was the last one out and unlinks every name.
@@ -14,10 +19,12 @@ Everything here is called from the layer's code with no event loop involved.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import platform
 import secrets
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -120,8 +127,11 @@ class Namespace:
             cfg.ring_bytes, cfg.channel_buckets, cfg.max_groups_per_process
         )
         self.max_p = cfg.max_participants
-        self.lock_path = f"{cfg.shm_dir}/{self.ns}.lock"
         self.reg_name = f"/{self.ns}.reg"
+        # the locks live on the registry's own file (see the module docstring)
+        self.lock_path = f"{L.SHM_FS}{self.reg_name}"
+        self._unlinked_told = False
+        self.site_clash = ""  # what another site's clash said (empty: none seen)
         self.slots: dict[int, SlotView] = {}
         self.slots_lock = threading.Lock()
         self.lockfile: LockFile | None = None
@@ -172,6 +182,7 @@ class Namespace:
         lf = self.lockfile = self._open_lockfile()
         try:
             self._open_registry(anyone_alive=lf.held_by_other(L.SLOT_LOCK_BASE, self.max_p))
+            self.check_site()
             for i in range(self.max_p):
                 if lf.acquire(L.SLOT_LOCK_BASE + i, blocking=False):
                     break
@@ -214,6 +225,12 @@ class Namespace:
             ) from None
         hdr = reg.buf[: L.REG_HEADER.size]
         current = L.REG_HEADER.unpack_from(hdr)[:6]
+        if not anyone_alive and not reg.created:
+            try:
+                self._refuse_listed_alive(reg, current)
+            except BaseException:
+                reg.close()
+                raise
         if anyone_alive:
             if tuple(current) != self._header_values():
                 reg.close()
@@ -224,6 +241,15 @@ class Namespace:
                     "process of a host must use the same sizing keys (ring_bytes defaults "
                     "from max_message_bytes: set that the same everywhere too)"
                 )
+            theirs = _text(reg.buf, L.H_SHM_DIR, L.H_SHM_DIR_LEN)
+            if theirs and theirs != self.cfg.shm_dir:
+                reg.close()
+                raise NamespaceMismatch(
+                    f"{self.ns} is in use by live processes with CONFIG['shm_dir'] "
+                    f"{theirs!r}, this process has {self.cfg.shm_dir!r}: their doorbells "
+                    "could not wake each other; give every process of a host the same "
+                    "shm_dir (or another prefix/host_id for a separate namespace)"
+                )
         else:
             # first one in, or a stale set left by a crash: (re)initialise everything
             if not reg.created and tuple(current) == self._header_values():
@@ -232,6 +258,8 @@ class Namespace:
             L.REG_HEADER.pack_into(
                 reg.buf, 0, *self._header_values(), -1, 0, 0, 0, 0, 0, time.time()
             )
+            _put_text(reg.buf, L.H_SHM_DIR, L.H_SHM_DIR_LEN, self.cfg.shm_dir)
+            L.U64.pack_into(reg.buf, L.H_FLUSH_CHECK, L.FLUSH_CHECK_KEY)  # epoch 0
             for i in range(self.max_p):
                 # a stale slot segment may have another size (layout changed)
                 unlink(self.slot_name(i))
@@ -241,6 +269,106 @@ class Namespace:
         self.reg_s = reg.cast(self.reg_hdr, "i")
         self.reg_i = reg.cast(reg.buf, "I")  # whole registry: header and slot records
         self.reg_all_q = reg.cast(reg.buf, "Q")
+
+    def _refuse_listed_alive(self, reg: Segment, header: tuple[int, ...]) -> None:
+        """Nobody holds a slot lock, yet the registry exists: before it is zeroed, make
+        sure no process it lists as live is still running (one that locks elsewhere: an
+        older hybrid_layer, which kept its locks in ``<shm_dir>/<ns>.lock``). Zeroing
+        would cut every such worker off without a word."""
+        if header[0] != L.MAGIC:
+            return
+        max_p = min(header[3], (reg.size - L.PAGE) // L.REG_SLOT_SIZE)
+        alive = []
+        for i in range(max_p):
+            off = L.reg_slot_offset(i)
+            state, _gen, pid, _started = L.REG_SLOT.unpack_from(reg.buf, off)
+            if state != L.SLOT_LIVE or pid <= 0 or pid == os.getpid():
+                continue
+            recorded = L.U64.unpack_from(reg.buf, off + L.REG_PSTART_OFFSET)[0]
+            now = proc_start(pid)
+            if now >= 0 and (recorded == 0 or recorded == now):
+                alive.append(pid)
+        if alive:
+            log.error(
+                "hybrid_layer: %s lists live process(es) %s that hold none of its locks; "
+                "refusing to re-initialise it under them",
+                self.ns,
+                alive,
+            )
+            raise NamespaceMismatch(
+                f"{self.ns} lists live process(es) {alive} (layout version {header[1]}) "
+                f"that hold none of the locks on {self.lock_path}: they run another "
+                "hybrid_layer version (before layout 5 the locks were in "
+                f"<shm_dir>/{self.ns}.lock). Re-initialising would cut them off; stop "
+                "them first, or give this process another CONFIG['prefix']"
+            )
+
+    # ------------------------------------------------------------------ site
+    def check_site(self) -> None:
+        """Caller holds INIT_LOCK. Two sites with one prefix (same user, same host) would
+        silently share groups, normal channels and flush(): compare this process's site
+        with the one recorded in the registry. Two explicit CONFIG['site'] values that
+        differ are refused; a clash involving a guess is an ERROR and a counted
+        ``site_clash`` (a guess may differ between one site's own processes)."""
+        assert self.reg is not None
+        buf = self.reg.buf
+        label, explicit = site_identity(self.cfg)
+        if not label:
+            return
+        fp = _site_hash(label)
+        theirs_fp, theirs_flags = struct.unpack_from("<QQ", buf, L.H_SITE)
+        theirs = _text(buf, L.H_SITE_LABEL, L.H_SITE_LABEL_LEN)
+        theirs_explicit = bool(theirs_flags & L.SITE_EXPLICIT)
+        if theirs_fp == 0 or (explicit and not theirs_explicit and not _clash(label, theirs)):
+            struct.pack_into("<QQ", buf, L.H_SITE, fp, L.SITE_EXPLICIT if explicit else 0)
+            _put_text(buf, L.H_SITE_LABEL, L.H_SITE_LABEL_LEN, label)
+            return
+        if theirs_fp == fp or not _clash(label, theirs):
+            return
+        what = (
+            f"{self.ns} (CONFIG['prefix'] {self.cfg.prefix!r}) is in use by site {theirs!r}, "
+            f"this process is site {label!r}: two sites sharing one prefix would exchange "
+            "group messages and normal-channel jobs, and one's flush() would erase the "
+            "other's groups. Give each site its own CONFIG['prefix']"
+        )
+        if explicit and theirs_explicit:
+            raise NamespaceMismatch(what)
+        self.site_clash = what
+        log.error(
+            "hybrid_layer: %s (or set CONFIG['site'] the same in every process of one site "
+            "if this is one site seen two ways)",
+            what,
+        )
+
+    def site(self) -> tuple[str, bool]:
+        """The site recorded in the registry: (label, explicit)."""
+        assert self.reg is not None
+        flags = struct.unpack_from("<Q", self.reg.buf, L.H_SITE + 8)[0]
+        return _text(self.reg.buf, L.H_SITE_LABEL, L.H_SITE_LABEL_LEN), bool(
+            flags & L.SITE_EXPLICIT
+        )
+
+    def registry_unlinked(self) -> bool:
+        """True (and an ERROR, once) if our registry's name was removed under us (e.g.
+        systemd-logind ``RemoveIPC=yes`` at the site user's logout, or a /dev/shm
+        cleaner): processes started from now on build a new namespace and cannot reach
+        this one."""
+        lf = self.lockfile
+        if lf is None or lf.is_current():
+            return False
+        if not self._unlinked_told:
+            self._unlinked_told = True
+            log.error(
+                "hybrid_layer: the shared memory %s of this live process (pid %d) was "
+                "removed by something outside the layer (systemd-logind RemoveIPC=yes "
+                "when the site's user logs out? a /dev/shm cleaner?). Processes started "
+                "from now on cannot reach this one. Run the site as a system user or set "
+                "RemoveIPC=no in logind.conf, exclude hl.* from cleaners, then restart "
+                "every process of the site",
+                self.lock_path,
+                os.getpid(),
+            )
+        return True
 
     def _slot_segment(self, i: int, *, create: bool) -> SlotView | None:
         with self.slots_lock:
@@ -291,6 +419,7 @@ class Namespace:
         off = L.reg_slot_offset(i)
         self.reg.buf[off + 4 : off + L.REG_SLOT_SIZE] = bytes(L.REG_SLOT_SIZE - 4)
         L.REG_SLOT.pack_into(self.reg.buf, off, L.SLOT_FREE, gen, os.getpid(), time.time())
+        L.U64.pack_into(self.reg.buf, off + L.REG_PSTART_OFFSET, max(0, proc_start(os.getpid())))
         self.reg_i[off // 4] = L.SLOT_LIVE  # one store: readers see FREE or LIVE
         self._bump_slots_epoch()
 
@@ -306,7 +435,8 @@ class Namespace:
         return state, gen, pid, started
 
     def _bump_slots_epoch(self) -> None:
-        self.reg_q[L.HQ_SLOTS_EPOCH] += 1
+        q = self.reg_q
+        q[L.HQ_SLOTS_EPOCH] = (q[L.HQ_SLOTS_EPOCH] + 1) & _U64  # (a corrupted word wraps)
 
     # ------------------------------------------------------------------ rings
     @contextlib.contextmanager
@@ -496,7 +626,7 @@ class Namespace:
         self.reg_i[L.HI_LEADER_GEN] = self.gen
         self.reg_s[L.Hi_LEADER_PID] = os.getpid()
         self.reg_s[L.Hi_LEADER_SLOT] = self.me
-        self.reg_q[L.HQ_LEADER_EPOCH] += 1
+        self.reg_q[L.HQ_LEADER_EPOCH] = (self.reg_q[L.HQ_LEADER_EPOCH] + 1) & _U64
         return True
 
     def leader(self) -> Leader:
@@ -538,14 +668,92 @@ class Namespace:
                 with self.ring_locked(sv):
                     sv.cq[L.Q_FLUSH_UPTO] = sv.ring.tail
                 touched.append(sv)
-            epoch = self.flush_epoch() + 1
+            epoch = (self.flush_epoch() + 1) & _U64
             self.reg_q[L.HQ_FLUSH_EPOCH] = epoch
+            self.reg_q[L.H_FLUSH_CHECK // 8] = epoch ^ L.FLUSH_CHECK_KEY
         finally:
             lf.release(L.FLUSH_LOCK)
         for sv in touched:
             if sv.index != self.me:
                 sv.rescue.ring()  # the owner's host thread applies it and acknowledges
         return epoch
+
+    # ------------------------------------------------------------------ word repair
+    def flush_epoch_checked(self, seen: int) -> tuple[int, bool]:
+        """The flush epoch, validated against its check word: (epoch, repaired).
+
+        A flusher stores the epoch then its check word, under ``FLUSH_LOCK``; a mismatch
+        that outlasts that lock is a corrupted word. The check word's epoch wins if it
+        is a plausible successor of ``seen`` (the epoch this process last applied), else
+        ``seen`` is restored: a corrupted epoch must not be taken for a flush (which
+        would erase every process's group memberships), nor stall every flush after."""
+        q = self.reg_q
+        ck = L.H_FLUSH_CHECK // 8
+        epoch = q[L.HQ_FLUSH_EPOCH]
+        if q[ck] ^ L.FLUSH_CHECK_KEY == epoch:
+            return epoch, False
+        lf = self.lockfile
+        assert lf is not None
+        lf.acquire(L.FLUSH_LOCK)
+        try:
+            epoch = q[L.HQ_FLUSH_EPOCH]
+            from_check = q[ck] ^ L.FLUSH_CHECK_KEY
+            if from_check == epoch:
+                return epoch, False  # a flusher was between its two stores
+            # an epoch its check word does not confirm is never taken for a flush (it
+            # would erase every membership); a flush whose check word was hit in the
+            # same instant is lost instead, and logged
+            good = from_check if 0 <= from_check - seen <= 1024 else seen
+            q[L.HQ_FLUSH_EPOCH] = good
+            q[ck] = good ^ L.FLUSH_CHECK_KEY
+        finally:
+            lf.release(L.FLUSH_LOCK)
+        log.error(
+            "hybrid_layer: corrupted flush epoch of %s repaired (epoch %#x, check word "
+            "said %#x, kept %d)",
+            self.ns,
+            epoch,
+            from_check,
+            good,
+        )
+        return good, True
+
+    def repair_own_words(self, is_leader: bool) -> list[str]:
+        """Owner: put back any of its shared words that do not say what it knows (its
+        slot's state and incarnation, its registry record, its leader fields, a flush
+        position past the ring's tail). Returns what was repaired."""
+        sv, reg = self.own, self.reg
+        if sv is None or reg is None or self.me < 0:
+            return []
+        fixed = []
+        ci, gen, me, pid = sv.ci, self.gen, self.me, os.getpid()
+        if ci[L.I_STATE] != L.SLOT_LIVE or ci[L.I_GEN] != gen:
+            with self.ring_locked(sv):
+                fixed.append(f"slot state/gen {ci[L.I_STATE]}/{ci[L.I_GEN]:#x}")
+                ci[L.I_GEN] = gen
+                ci[L.I_STATE] = L.SLOT_LIVE
+        w = L.reg_slot_offset(me) // 4
+        ri, rs = self.reg_i, self.reg_s
+        if ri[w] != L.SLOT_LIVE or ri[w + 1] != gen or ri[w + 2] != pid:
+            fixed.append(f"registry record {ri[w]}/{ri[w + 1]:#x}/{ri[w + 2]}")
+            ri[w + 1] = gen
+            ri[w + 2] = pid
+            ri[w] = L.SLOT_LIVE
+            self._bump_slots_epoch()
+        if is_leader and (
+            rs[L.Hi_LEADER_SLOT] != me or ri[L.HI_LEADER_GEN] != gen or rs[L.Hi_LEADER_PID] != pid
+        ):
+            fixed.append("leader fields")
+            rs[L.Hi_LEADER_SLOT] = -1
+            ri[L.HI_LEADER_GEN] = gen
+            rs[L.Hi_LEADER_PID] = pid
+            rs[L.Hi_LEADER_SLOT] = me
+        if sv.cq[L.Q_FLUSH_UPTO] > sv.ring.tail:
+            with self.ring_locked(sv):
+                if sv.cq[L.Q_FLUSH_UPTO] > sv.ring.tail:
+                    fixed.append(f"flush position {sv.cq[L.Q_FLUSH_UPTO]:#x}")
+                    sv.cq[L.Q_FLUSH_UPTO] = sv.ring.head
+        return fixed
 
     def flush_upto(self) -> int:
         assert self.own is not None
@@ -674,6 +882,65 @@ class Namespace:
         self._close_maps()
         self.lockfile = None
         self.me = -1
+
+
+_U64 = (1 << 64) - 1
+
+
+def proc_start(pid: int) -> int:
+    """Start time of process ``pid`` in clock ticks since boot; -1 if there is none."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+        return int(data.rsplit(b")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return -1
+
+
+def site_identity(cfg: LayerConfig) -> tuple[str, bool]:
+    """(label, explicit): CONFIG['site'], else a guess from Django's settings module and
+    BASE_DIR - the same for uvicorn, gunicorn, runworker, management commands and Celery
+    of one project - else ("", False): unknown, nothing is checked."""
+    if cfg.site:
+        return cfg.site, True
+    module = os.environ.get("DJANGO_SETTINGS_MODULE", "")
+    if not module:
+        return "", False
+    base = ""
+    try:
+        from django.conf import settings
+
+        if settings.configured and getattr(settings, "BASE_DIR", None):
+            base = os.path.realpath(str(settings.BASE_DIR))
+    except Exception:  # no Django, or settings that cannot load: the module is enough
+        base = ""
+    return f"django:{module}@{base}" if base else f"django:{module}", False
+
+
+def _site_hash(label: str) -> int:
+    h = int.from_bytes(hashlib.blake2b(label.encode(), digest_size=8).digest(), "little")
+    return h or 1
+
+
+def _clash(a: str, b: str) -> bool:
+    """Two site labels that cannot be one site. A guess without BASE_DIR (settings not
+    loaded yet) matches a guess with it when the settings modules agree."""
+    if a == b:
+        return False
+    if a.startswith("django:") and b.startswith("django:"):
+        ma, _, ba = a.partition("@")
+        mb, _, bb = b.partition("@")
+        return ma != mb or bool(ba and bb and ba != bb)
+    return True
+
+
+def _text(buf: memoryview, off: int, n: int) -> str:
+    return bytes(buf[off : off + n]).split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+def _put_text(buf: memoryview, off: int, n: int, value: str) -> None:
+    raw = value.encode("utf-8")[: n - 1]
+    buf[off : off + n] = raw + bytes(n - len(raw))
 
 
 # x86-64 orders everything but store->load; a lock-prefixed instruction (what an

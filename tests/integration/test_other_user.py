@@ -118,7 +118,6 @@ def names(cfg: dict[str, Any]) -> dict[str, str]:
     return {
         "registry": f"{ns}.reg",
         "slot segment": f"{ns}.s0",
-        "lock file": f"{ns}.lock",
         "doorbell": f"{ns}.bell0",
         "rescue doorbell": f"{ns}.rescue0",
     }
@@ -129,8 +128,6 @@ def names(cfg: dict[str, Any]) -> dict[str, str]:
     [
         ("registry", "file"),
         ("registry", "symlink"),
-        ("lock file", "file"),
-        ("lock file", "symlink"),
         ("doorbell", "symlink"),
         ("doorbell", "fifo"),
         ("rescue doorbell", "file"),
@@ -266,7 +263,8 @@ async def test_another_user_can_neither_open_nor_inject(
     ch = await layer.new_channel()
     cfg = layer.config
     ns = f"{SHM}/{cfg.namespace}"
-    paths = [f"{ns}.reg", f"{ns}.s0", f"{ns}.lock", f"{ns}.bell0", f"{ns}.rescue0"]
+    # (the locks are byte-range locks on the registry's own file: no lock file any more)
+    paths = [f"{ns}.reg", f"{ns}.s0", f"{ns}.bell0", f"{ns}.rescue0"]
     assert other.run(INJECT, *paths).split() == ["PermissionError"] * len(paths)
     await layer.send(ch, {"type": "still"})
     assert (await layer.receive(ch))["type"] == "still"

@@ -868,9 +868,8 @@ class Participant:
             if bucket >= 0:
                 with self.lock:
                     self._deq(bucket, 1)
-            self.counters.dropped_corrupt += 1
-            limited.warning(
-                "spill-read", "hybrid_layer: a large message for %r dropped: %s", rec.name, exc
+            self.counters.drop(
+                "corrupt", 1, "hybrid_layer: a large message for %r dropped: %s", rec.name, exc
             )
             return None
 
@@ -1168,9 +1167,8 @@ class Participant:
         try:
             return memoryview(spill.read(rec.message, spill.stem(self.ns.ns)))[rec.name_len :]
         except (spill.SpillError, OSError) as exc:
-            self.counters.dropped_corrupt += 1
-            limited.warning(
-                "spill-read", "hybrid_layer: a large message for %r dropped: %s", rec.name, exc
+            self.counters.drop(
+                "corrupt", 1, "hybrid_layer: a large message for %r dropped: %s", rec.name, exc
             )
             return None
 

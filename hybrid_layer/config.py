@@ -155,7 +155,7 @@ class LayerConfig:
     capacity: int = 100
     channel_capacity: tuple[tuple[re.Pattern[str], int], ...] = ()
     #: a message costs its size in shared memory while in flight (out of the ring past
-    #: ring_bytes // 8), plus its encoded copy in the sender and decoded one in the reader
+    #: ring_bytes // 4), plus its encoded copy in the sender and decoded one in the reader
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     ring_bytes: int = DEFAULT_RING_BYTES
     max_participants: int = 64
@@ -286,7 +286,7 @@ def parse_config(raw: Mapping[str, Any] | None = None, **kwargs: Any) -> LayerCo
         if mmb > MAX_MESSAGE_BYTES_LIMIT:
             raise ValueError(f"CONFIG['max_message_bytes'] must be at most 256 MiB, got {mmb}")
         out["max_message_bytes"] = mmb
-    # (independent of max_message_bytes: a record over ring_bytes // 8 travels in a
+    # (independent of max_message_bytes: a record over ring_bytes // 4 travels in a
     # shared-memory segment of its own, referenced from the ring - shm.spill)
     if "ring_bytes" in values:
         ring = _number("ring_bytes", values["ring_bytes"], minimum=MIN_RING_BYTES, integer=True)

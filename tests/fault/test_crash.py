@@ -154,9 +154,7 @@ def test_stopped_reader_fills_up_and_senders_get_channel_full_without_slowing_ot
     other = d.call("new_channel")
     os.kill(stuck.pid, signal.SIGSTOP)
     try:
-        # (in-ring messages: larger ones, over ring_bytes // 8, travel out of the ring
-        # and a stopped reader's channel reaches its capacity instead)
-        blob = b"x" * 400_000
+        blob = b"x" * 1_000_000
         t0 = time.monotonic()
         sent = sender.call("send_many", ch, [{"type": "big", "b": blob}] * 20, timeout=30)
         took = time.monotonic() - t0

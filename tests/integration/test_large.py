@@ -1,4 +1,4 @@
-"""Messages of any size with the default settings: records over ``ring_bytes // 8``
+"""Messages of any size with the default settings: records over ``ring_bytes // 4``
 travel in a shared-memory segment of their own (``hybrid_layer.shm.spill``).
 
 Real separate processes, real shared memory; every test checks ``/dev/shm`` for the
@@ -64,7 +64,7 @@ async def test_spilled_message_that_expires_or_is_flushed_leaves_no_name(
     lay = HybridChannelLayer(**{**layer_config, "expiry": 0.3})
     try:
         ch = await lay.new_channel()
-        await lay.send(ch, {"type": "big", "b": b"e" * MB})
+        await lay.send(ch, {"type": "big", "b": b"e" * 2 * MB})
         assert len(spill_names(layer_config)) == 1  # in flight: out of the ring
         await asyncio.sleep(0.6)
         with pytest.raises(asyncio.TimeoutError):
@@ -72,7 +72,7 @@ async def test_spilled_message_that_expires_or_is_flushed_leaves_no_name(
         assert spill_names(layer_config) == []
         assert lay.statistics().dropped["expired"] == 1
 
-        await lay.send(ch, {"type": "big", "b": b"f" * MB})
+        await lay.send(ch, {"type": "big", "b": b"f" * 2 * MB})
         assert len(spill_names(layer_config)) == 1
         await lay.flush()
         assert wait_until(lambda: spill_names(layer_config) == [], 5)
@@ -80,8 +80,8 @@ async def test_spilled_message_that_expires_or_is_flushed_leaves_no_name(
             await asyncio.wait_for(lay.receive(ch), 0.3)
         assert lay.statistics().dropped["flushed"] == 1
         # and a normal one still works afterwards
-        await lay.send(ch, {"type": "big", "b": b"g" * MB})
-        assert (await asyncio.wait_for(lay.receive(ch), 5))["b"] == b"g" * MB
+        await lay.send(ch, {"type": "big", "b": b"g" * 2 * MB})
+        assert (await asyncio.wait_for(lay.receive(ch), 5))["b"] == b"g" * 2 * MB
         assert spill_names(layer_config) == []
     finally:
         await lay.close()
@@ -144,3 +144,24 @@ def test_last_one_out_removes_every_spill_name(
     assert len(spill_names(layer_config)) == 1
     a.close()
     assert spill_names(layer_config) == []
+
+
+def test_a_reference_is_resolved_only_by_the_reader_it_names(layer_config: dict[str, Any]) -> None:
+    """A reference (0xC1, length, name) resolves only to a segment named for the reader's
+    own slot and incarnation: a forged one (from a broker user: msgpack never starts with
+    0xC1, so nothing else does) cannot make a reader open or remove another name."""
+    ns = parse_config(layer_config).namespace
+    ref = spill.write(ns, 1, 2, 0o600, b"name", b"body")
+    assert len(spill_names(layer_config)) == 1
+    for stem in (spill.stem(ns, 3, 2), spill.stem(ns, 1, 3), spill.stem("hl.other.h", 1, 2)):
+        with pytest.raises(spill.SpillError):
+            spill.read(ref, stem)
+        assert not spill.discard(ref, stem)
+    for bad in (ref[:5], b"\xc1" + ref[1:9] + b"/etc/passwd", b"\x81" + ref[1:], ref + b"\xff"):
+        with pytest.raises(spill.SpillError):
+            spill.read(bad, spill.stem(ns, 1, 2))
+    assert len(spill_names(layer_config)) == 1  # untouched by all of that
+    assert spill.read(ref, spill.stem(ns, 1, 2)) == b"namebody"
+    assert spill_names(layer_config) == []
+    with pytest.raises(spill.SpillError, match="gone"):
+        spill.read(ref, spill.stem(ns, 1, 2))

@@ -56,7 +56,8 @@ RABBITMQ_PROBE = (
     "print(json.dumps({'python': platform.python_version(), 'packages': v}))\n"
 )
 
-SIZES = {"100B": 100, "10KB": 10_000, "1MB": 1_000_000}
+SIZES = {"100B": 100, "10KB": 10_000, "1MB": 1_000_000, "5MB": 5_000_000, "20MB": 20_000_000}
+BIG = ("5MB", "20MB")  # large messages: pingpong and xpingpong only (--sizes 5MB,20MB)
 FANOUT_SIZES = ("100B", "10KB")  # 1 MB x 100 members is not a fan-out workload
 FANOUT_MEMBERS = 50  # per receiver process; two receivers -> a group of 100
 
@@ -88,14 +89,16 @@ MODES: dict[str, dict[str, Any]] = {
     "full": {
         "single": {"duration": 1.0, "count": {"100B": 400_000, "10KB": 400_000, "1MB": 400},
                    "warmup": {"100B": 500, "10KB": 500, "1MB": 5}},
-        "pingpong": {"duration": 1.0, "count": {"100B": 5000, "10KB": 5000, "1MB": 60},
-                     "warmup": {"100B": 200, "10KB": 200, "1MB": 5}},
+        "pingpong": {"duration": 1.0,
+                     "count": {"100B": 5000, "10KB": 5000, "1MB": 60, "5MB": 20, "20MB": 8},
+                     "warmup": {"100B": 200, "10KB": 200, "1MB": 5, "5MB": 2, "20MB": 1}},
         "throughput": {"duration": 1.5,
                        "count": {"100B": 1_000_000, "10KB": 1_000_000, "1MB": 100}},
         "fanout-paced": {"duration": 1.5, "rate": 100, "count": {"100B": 10**6, "10KB": 10**6}},
         "fanout-unpaced": {"duration": 1.5, "count": {"100B": 500, "10KB": 300}},
-        "xpingpong": {"duration": 1.0, "count": {"100B": 5000, "10KB": 5000, "1MB": 60},
-                      "warmup": {"100B": 200, "10KB": 200, "1MB": 5}},
+        "xpingpong": {"duration": 1.0,
+                      "count": {"100B": 5000, "10KB": 5000, "1MB": 60, "5MB": 20, "20MB": 8},
+                      "warmup": {"100B": 200, "10KB": 200, "1MB": 5, "5MB": 2, "20MB": 1}},
         "xthroughput": {"duration": 1.5,
                         "count": {"100B": 1_000_000, "10KB": 1_000_000, "1MB": 100}},
         "idle_s": 1.0, "straggler_cap_s": 10.0, "stall_s": 5.0,
@@ -104,14 +107,16 @@ MODES: dict[str, dict[str, Any]] = {
     "quick": {
         "single": {"duration": 0.25, "count": {"100B": 100_000, "10KB": 100_000, "1MB": 40},
                    "warmup": {"100B": 200, "10KB": 200, "1MB": 2}},
-        "pingpong": {"duration": 0.3, "count": {"100B": 1000, "10KB": 1000, "1MB": 15},
-                     "warmup": {"100B": 100, "10KB": 100, "1MB": 2}},
+        "pingpong": {"duration": 0.3,
+                     "count": {"100B": 1000, "10KB": 1000, "1MB": 15, "5MB": 6, "20MB": 3},
+                     "warmup": {"100B": 100, "10KB": 100, "1MB": 2, "5MB": 1, "20MB": 1}},
         "throughput": {"duration": 0.4,
                        "count": {"100B": 1_000_000, "10KB": 1_000_000, "1MB": 20}},
         "fanout-paced": {"duration": 0.5, "rate": 100, "count": {"100B": 10**6, "10KB": 10**6}},
         "fanout-unpaced": {"duration": 0.5, "count": {"100B": 200, "10KB": 100}},
-        "xpingpong": {"duration": 0.3, "count": {"100B": 1000, "10KB": 1000, "1MB": 15},
-                      "warmup": {"100B": 100, "10KB": 100, "1MB": 2}},
+        "xpingpong": {"duration": 0.3,
+                      "count": {"100B": 1000, "10KB": 1000, "1MB": 15, "5MB": 6, "20MB": 3},
+                      "warmup": {"100B": 100, "10KB": 100, "1MB": 2, "5MB": 1, "20MB": 1}},
         "xthroughput": {"duration": 0.4,
                         "count": {"100B": 1_000_000, "10KB": 1_000_000, "1MB": 20}},
         "idle_s": 0.5, "straggler_cap_s": 5.0, "stall_s": 4.0,
@@ -680,6 +685,8 @@ def main(argv: list[str] | None = None) -> int:
         for sc in scenarios:
             for size in sizes:
                 if sc.startswith("fanout") and size not in FANOUT_SIZES:
+                    continue
+                if size in BIG and sc not in ("pingpong", "xpingpong"):
                     continue
                 for layer in layers:
                     allowed = LAYERS[layer][1]

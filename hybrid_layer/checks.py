@@ -6,10 +6,11 @@ the ``CHANNEL_LAYERS`` entries that use this backend. Enabled by adding
   ``ValueError`` the layer would raise at its first use).
 * ``hybrid_layer.E002``: ``shm_dir`` is missing, not a directory, or unsafe (other users
   may write into it without the sticky bit, or it is owned by another user).
-* ``hybrid_layer.W001``: ``max_message_bytes`` is larger than the ASGI server's
-  WebSocket message limit (uvicorn's ``--ws-max-size``, 16 MiB by default; set
-  ``HYBRID_LAYER_WS_MAX_SIZE`` in settings to yours): a message that big could never
-  have come from a client and cannot go out to one.
+* ``hybrid_layer.W001``: ``max_message_bytes``, set in the CONFIG, is larger than the
+  ASGI server's WebSocket message limit (uvicorn's ``--ws-max-size``, 16 MiB by default;
+  set ``HYBRID_LAYER_WS_MAX_SIZE`` in settings to yours): a message that big cannot go
+  out to a client. Not for the default (100 MiB), which is there so that messages
+  between workers (not only to clients) of any size work.
 * ``hybrid_layer.W002``: ``ASGI_APPLICATION`` is not wrapped in
   ``hybrid_layer.asgi.close_layers_on_shutdown`` (as far as can be seen), so Uvicorn
   workers leave without closing the layer.
@@ -45,7 +46,7 @@ def check_layers(app_configs: Any = None, **kwargs: Any) -> list[Any]:
         problem = shm_dir_problem(cfg.shm_dir)
         if problem:
             out.append(Error(f"{where}: {problem}", id="hybrid_layer.E002"))
-        if cfg.max_message_bytes > ws_max:
+        if "max_message_bytes" in (entry.get("CONFIG") or {}) and cfg.max_message_bytes > ws_max:
             out.append(
                 Warning(
                     f"{where}: max_message_bytes ({cfg.max_message_bytes}) is larger than "

@@ -22,6 +22,11 @@ from .shm.owner import user_text
 _ID_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
 
 MIB = 1024 * 1024
+#: under RabbitMQ's default max_message_size (128 MiB up to 3.13; 4.x: 16 MiB, see README)
+DEFAULT_MAX_MESSAGE_BYTES = 100 * MIB
+MAX_MESSAGE_BYTES_LIMIT = 256 * MIB
+DEFAULT_RING_BYTES = 4 * MIB + 64 * 1024
+MIN_RING_BYTES = 64 * 1024
 PUBLISH_BATCH_MAX = 1024
 
 #: Keys that only mean something with a broker (``host``) configured.
@@ -149,8 +154,10 @@ class LayerConfig:
     group_expiry: float = 86400.0
     capacity: int = 100
     channel_capacity: tuple[tuple[re.Pattern[str], int], ...] = ()
-    max_message_bytes: int = 2 * MIB
-    ring_bytes: int = 4 * MIB + 64 * 1024  # = parse_config's default for the defaults
+    #: a message costs its size in shared memory while in flight (out of the ring past
+    #: ring_bytes // 4), plus its encoded copy in the sender and decoded one in the reader
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    ring_bytes: int = DEFAULT_RING_BYTES
     max_participants: int = 64
     channel_buckets: int = 4096
     max_groups_per_process: int = 16384
@@ -279,23 +286,16 @@ def parse_config(raw: Mapping[str, Any] | None = None, **kwargs: Any) -> LayerCo
         out["capacity"] = _number("capacity", values["capacity"], minimum=1, integer=True)
     if "channel_capacity" in values and values["channel_capacity"] is not None:
         out["channel_capacity"] = _capacities(values["channel_capacity"])
-    mmb = _number(
-        "max_message_bytes", values.get("max_message_bytes", 2 * MIB), minimum=1024, integer=True
-    )
-    if mmb > 256 * MIB:
-        raise ValueError(f"CONFIG['max_message_bytes'] must be at most 256 MiB, got {mmb}")
-    out["max_message_bytes"] = mmb
+    if "max_message_bytes" in values:
+        mmb = _number("max_message_bytes", values["max_message_bytes"], minimum=1024, integer=True)
+        if mmb > MAX_MESSAGE_BYTES_LIMIT:
+            raise ValueError(f"CONFIG['max_message_bytes'] must be at most 256 MiB, got {mmb}")
+        out["max_message_bytes"] = mmb
+    # (independent of max_message_bytes: a record over ring_bytes // 4 travels in a
+    # shared-memory segment of its own, referenced from the ring - shm.spill)
     if "ring_bytes" in values:
-        ring = _number("ring_bytes", values["ring_bytes"], minimum=64 * 1024, integer=True)
-    else:
-        ring = max(4 * MIB, 2 * mmb + 64 * 1024)
-    ring = (ring + 4095) // 4096 * 4096
-    if ring < 2 * mmb + 4096:
-        raise ValueError(
-            f"CONFIG['ring_bytes'] ({ring}) must be at least twice max_message_bytes "
-            f"({mmb}) plus 4096, so that a largest message always fits"
-        )
-    out["ring_bytes"] = ring
+        ring = _number("ring_bytes", values["ring_bytes"], minimum=MIN_RING_BYTES, integer=True)
+        out["ring_bytes"] = (ring + 4095) // 4096 * 4096
     if "max_participants" in values:
         out["max_participants"] = _number(
             "max_participants", values["max_participants"], minimum=2, maximum=1024, integer=True

@@ -43,6 +43,7 @@ from .envelope import decode_args, encode_args
 from .errors import LayerClosed
 from .routing import Action, GroupTable, Route, route
 from .shm import layout as L
+from .shm import spill
 from .shm.groupset import TAG_GROUP, TAG_NORMAL, TAG_OTHER, TOMBSTONE, name_hash
 from .shm.registry import (
     FULL_CHANNEL,
@@ -61,6 +62,11 @@ log = logging.getLogger("hybrid_layer")
 TICK = 0.1  # host thread period: election attempts, housekeeping
 RECLAIM_EVERY = 0.25
 SWEEP_EVERY = 1.0
+#: the owner's sweep of its own large-message segments that no record refers to (a
+#: writer killed before it published the record): every this many seconds (at most
+#: ``expiry``), those older than ``expiry`` + SPILL_GRACE
+SPILL_SWEEP_EVERY = 30.0
+SPILL_GRACE = 5.0
 #: a reader of a normal channel that has taken nothing of it for this long while
 #: messages wait in its queue gives them back to the channel's other readers
 READER_IDLE = 0.5
@@ -149,6 +155,7 @@ class Participant:
         self._link_up_seen = False  # for on_disconnect / on_reconnect
         self._gap_told = False
         self._up_mark = (-1, -1)  # (leader epoch, link changes) when last seen up
+        self._spill_stem = spill.stem(self.ns.ns, self.slot, self.gen)
         self.closed = False
         self.host = HostThread(self)
         self.host.start()
@@ -847,6 +854,11 @@ class Participant:
                 if rec is None:
                     break
                 n += 1
+                body = rec.body
+                if len(body) > rec.name_len and body[rec.name_len] == 0xC1:  # spill.TAG
+                    rec = self._unspill(rec, pos, upto, now)
+                    if rec is None:
+                        continue
                 try:
                     self._dispatch(rec, pos, upto, now, loop)
                 except Exception as exc:  # never let one bad record stop the pump
@@ -874,6 +886,29 @@ class Participant:
             if ring.tail == ring.head:
                 self._resync_buckets()
                 self._skipped = False
+
+    def _unspill(self, rec: Any, pos: int, upto: int, now: float) -> Any:
+        """A record whose message is in a segment of its own (``shm.spill``): the record
+        with the message copied in, the segment removed. An expired or flushed one's
+        segment is removed unread (``_dispatch`` then drops the record and counts it);
+        one that cannot be read is dropped and counted here (None)."""
+        kind = rec.kind
+        ref = rec.message
+        local = kind < L.KIND_CONTROL  # (hand-offs: the link checks their expiry)
+        if local and (pos < upto or rec.expires_at < now):
+            spill.discard(ref, self._spill_stem)
+            return rec
+        try:
+            return rec._replace(body=spill.read(ref, self._spill_stem))
+        except (spill.SpillError, OSError) as exc:
+            bucket = self._record_bucket(kind, rec.name) if local else -1
+            if bucket >= 0:
+                with self.lock:
+                    self._deq(bucket, 1)
+            self.counters.drop(
+                "corrupt", 1, "hybrid_layer: a large message for %r dropped: %s", rec.name, exc
+            )
+            return None
 
     def _ack_flush(self) -> None:
         """Tell a flusher we applied its flush (local queues and ring both cleaned)."""
@@ -1137,9 +1172,12 @@ class Participant:
             if not self.ns.is_leader:
                 return False
             k = rec.kind
-            salvaged.append(
-                (k, rec.name, bytes(rec.message), rec.expires_at, _out_key(k, rec.name))
-            )
+            msg = rec.message
+            if len(msg) and msg[0] == spill.TAG:
+                msg = self._unspill_salvaged(rec)
+                if msg is None:
+                    return True
+            salvaged.append((k, rec.name, bytes(msg), rec.expires_at, _out_key(k, rec.name)))
             return True
 
         for i in self.ns.live_slots():
@@ -1159,6 +1197,33 @@ class Participant:
                 )
         if salvaged:
             self._take_over_out(salvaged)
+
+    def _unspill_salvaged(self, rec: Any) -> memoryview | None:
+        """A dead leader's hand-off whose message is in a segment of its own (named
+        for the dead slot: any of this namespace's spill names is accepted here)."""
+        try:
+            return memoryview(spill.read(rec.message, spill.stem(self.ns.ns)))[rec.name_len :]
+        except (spill.SpillError, OSError) as exc:
+            self.counters.drop(
+                "corrupt", 1, "hybrid_layer: a large message for %r dropped: %s", rec.name, exc
+            )
+            return None
+
+    def sweep_spills(self) -> None:
+        """Backstop: remove this slot's large-message segments that no record can
+        refer to any more (see ``shm.spill``)."""
+        n = spill.sweep(
+            spill.stem(self.ns.ns, self.slot),
+            self._spill_stem,
+            self.cfg.expiry + SPILL_GRACE,
+        )
+        if n:
+            limited.warning(
+                "spill-sweep",
+                "hybrid_layer: removed %d large-message segment(s) no record referred to "
+                "(a sender died while writing one)",
+                n,
+            )
 
     def _take_over_out(self, items: list[tuple[int, str, bytes, float, str | None]]) -> None:
         """Put a dead leader's hand-offs at the head of what we publish."""
@@ -1473,6 +1538,7 @@ class HostThread(threading.Thread):
         self.ready = threading.Event()
         self._next_reclaim = 0.0
         self._next_sweep = 0.0
+        self._next_spill_sweep = 0.0
 
     def run(self) -> None:
         loop = self.loop = asyncio.new_event_loop()
@@ -1546,6 +1612,9 @@ class HostThread(threading.Thread):
                 p.ns.registry_unlinked()
                 p.check_words()
                 p.ns.publish_stats(p.counters.values())
+            if now >= self._next_spill_sweep:
+                self._next_spill_sweep = now + min(SPILL_SWEEP_EVERY, max(1.0, p.cfg.expiry))
+                p.sweep_spills()
         except Exception:
             log.exception("hybrid_layer: housekeeping failed; retrying")
         self.loop.call_later(TICK, self._tick)

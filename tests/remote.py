@@ -212,6 +212,29 @@ async def _main(conn: Any, config: dict[str, Any]) -> None:
             for ch in chans:
                 tasks[ch] = asyncio.create_task(collect(ch, n))
             return None
+        if cmd in ("send_big", "group_send_big"):  # channel|group, size, seed -> digest
+            # (the payload is made here, not pickled through the pipe)
+            import hashlib
+            import random
+
+            dest, size, seed = args
+            body = random.Random(seed).randbytes(size)
+            m = {"type": "big", "seed": seed, "b": body}
+            await (layer.send if cmd == "send_big" else layer.group_send)(dest, m)
+            return hashlib.sha256(body).hexdigest()
+        if cmd == "receive_digest":  # channel, timeout -> (seed, size, sha256)
+            import hashlib
+
+            channel, timeout = args
+            m = await asyncio.wait_for(layer.receive(channel), timeout)
+            return m["seed"], len(m["b"]), hashlib.sha256(m["b"]).hexdigest()
+        if cmd == "spill_orphan":  # slot, gen, size: a spill segment nobody will publish
+            from hybrid_layer.shm import spill
+
+            slot, gen, size = args
+            p = layer._p()
+            ref = spill.write(p.ns.ns, slot, gen, p.cfg.mode, b"x", b"\x00" * size)
+            return ref[9:].decode()
         if cmd == "close":
             await layer.close()
             done.set()

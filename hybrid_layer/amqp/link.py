@@ -687,6 +687,8 @@ class Link:
                 nxt = out[0]
                 if nxt[0] != kind or (nxt[1] != name and self._route(kind, nxt[1]) != dest):
                     break
+                if size + len(nxt[2]) > MAX_BATCH_BYTES:  # (a large one goes on its own:
+                    break  # never a batch over the broker's max_message_size for it)
                 batch.append(self._popleft())
                 size += len(nxt[2])
         if self.busy:

@@ -30,9 +30,11 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
+from .._log import limited
 from ..config import LayerConfig
 from ..errors import NamespaceFull, NamespaceMismatch
 from . import layout as L
+from . import spill
 from .doorbell import Bell, BellPush
 from .groupset import GroupSet
 from .locks import LockFile
@@ -127,6 +129,7 @@ class Namespace:
             cfg.ring_bytes, cfg.channel_buckets, cfg.max_groups_per_process
         )
         self.max_p = cfg.max_participants
+        self.spill_at = spill.threshold(self.lay.ring_bytes)  # larger records: shm.spill
         self.reg_name = f"/{self.ns}.reg"
         # the locks live on the registry's own file (see the module docstring)
         self.lock_path = f"{L.SHM_FS}{self.reg_name}"
@@ -238,8 +241,7 @@ class Namespace:
                     f"{self.ns} is in use by live processes with another layout "
                     f"{current[2:]}, this process wants {self._header_values()[2:]} "
                     "(ring_bytes, max_participants, channel_buckets, group slots); every "
-                    "process of a host must use the same sizing keys (ring_bytes defaults "
-                    "from max_message_bytes: set that the same everywhere too)"
+                    "process of a host must use the same sizing keys"
                 )
             theirs = _text(reg.buf, L.H_SHM_DIR, L.H_SHM_DIR_LEN)
             if theirs and theirs != self.cfg.shm_dir:
@@ -263,6 +265,7 @@ class Namespace:
             for i in range(self.max_p):
                 # a stale slot segment may have another size (layout changed)
                 unlink(self.slot_name(i))
+            spill.remove(spill.stem(self.ns))  # large messages nobody will read
         self.reg = reg
         self.reg_hdr = reg.view(0, L.PAGE)
         self.reg_q = reg.cast(self.reg_hdr, "Q")
@@ -475,6 +478,10 @@ class Namespace:
         may have to act on even if it is not receiving) wake its host thread when no
         receiver of it is waiting.
         """
+        if len(name) + len(message) > self.spill_at:
+            return self._write_spilled(
+                sv, gen, kind, name, expires_at, message, bucket, capacity, urgent
+            )
         lf = self.lockfile
         assert lf is not None
         ci = sv.ci
@@ -511,6 +518,44 @@ class Namespace:
         if before <= half < sv.ring.tail - sv.ring.head:
             sv.rescue.ring()  # past half full: drain even if no one receives
         return OK
+
+    def _write_spilled(
+        self,
+        sv: SlotView,
+        gen: int,
+        kind: int,
+        name: bytes,
+        expires_at: float,
+        message: bytes | memoryview,
+        bucket: int,
+        capacity: int,
+        urgent: bool,
+    ) -> int:
+        """``write`` for a record too large for the ring: the message goes into a
+        segment of its own (``shm.spill``), the ring record refers to it. The segment
+        is named for the destination's incarnation, so the record is written for that
+        one only; if it is not written, the segment is removed here."""
+        ci = sv.ci
+        g = gen or ci[L.I_GEN]
+        if ci[L.I_STATE] != L.SLOT_LIVE or ci[L.I_GEN] != g:
+            return NO_CHANNEL
+        if bucket >= 0 and sv.pending(bucket) >= capacity:
+            return FULL_CHANNEL  # (checked again under the lock) no copy for nothing
+        try:
+            ref = spill.write(self.ns, sv.index, g, self.cfg.mode, name, message)
+        except OSError as exc:
+            limited.warning(
+                "spill",
+                "hybrid_layer: no room for a %d-byte message in shared memory (%s): "
+                "free space in /dev/shm (a message in flight takes its size there)",
+                len(name) + len(message),
+                exc,
+            )
+            return FULL_RING
+        r = self.write(sv, g, kind, name, expires_at, ref, bucket, capacity, urgent)
+        if r != OK:
+            spill.discard(ref, spill.stem(self.ns, sv.index, g))
+        return r
 
     def prepare_sleep(self) -> bool:
         """Owner: announce a sleeping receiver. True if the ring is empty (safe to sleep).
@@ -592,6 +637,7 @@ class Namespace:
         dropped = 0
         sv = self._slot_segment(i, create=False)
         if sv is not None:
+            dead_gen = sv.gen
             with self.ring_locked(sv):
                 while True:
                     try:
@@ -609,9 +655,17 @@ class Namespace:
                 sv.ring.reset()
                 sv.ci[L.I_STATE] = L.SLOT_FREE
                 sv.ci[L.I_WAITING] = 0
+            self._remove_spills(i, dead_gen)
         self.reg_i[L.reg_slot_offset(i) // 4] = L.SLOT_FREE
         self._bump_slots_epoch()
         return dropped
+
+    def _remove_spills(self, i: int, gen: int) -> None:
+        """Slot ``i``'s incarnation ``gen`` reads no more: remove the segments of the
+        large messages its ring still referred to (and any a writer left half-made)."""
+        n = spill.remove(spill.stem(self.ns, i, gen))
+        if n:
+            log.info("hybrid_layer: removed %d unread large message(s) of slot %d", n, i)
 
     # ------------------------------------------------------------------ leader
     def try_lead(self) -> bool:
@@ -828,6 +882,7 @@ class Namespace:
                     self.own.ci[L.I_STATE] = L.SLOT_FREE
                     self.own.ci[L.I_WAITING] = 0
                     self.own.ring.reset()
+                self._remove_spills(self.me, self.gen)
             self.resign()
             with self._init_locked():
                 if self.reg is not None and self.me >= 0:
@@ -850,6 +905,7 @@ class Namespace:
 
     def _unlink_all(self) -> None:
         unlink(self.reg_name)
+        spill.remove(spill.stem(self.ns))
         for i in range(self.max_p):
             unlink(self.slot_name(i))
             for path in (self.bell_path(i), self.rescue_path(i)):

@@ -906,7 +906,11 @@ class Participant:
                 with self.lock:
                     self._deq(bucket, 1)
             self.counters.drop(
-                "corrupt", 1, "hybrid_layer: a large message for %r dropped: %s", rec.name, exc
+                "malformed" if isinstance(exc, spill.BadReference) else "corrupt",
+                1,
+                "hybrid_layer: a large message for %r dropped: %s",
+                rec.name,
+                exc,
             )
             return None
 
@@ -1205,7 +1209,11 @@ class Participant:
             return memoryview(spill.read(rec.message, spill.stem(self.ns.ns)))[rec.name_len :]
         except (spill.SpillError, OSError) as exc:
             self.counters.drop(
-                "corrupt", 1, "hybrid_layer: a large message for %r dropped: %s", rec.name, exc
+                "malformed" if isinstance(exc, spill.BadReference) else "corrupt",
+                1,
+                "hybrid_layer: a large message for %r dropped: %s",
+                rec.name,
+                exc,
             )
             return None
 

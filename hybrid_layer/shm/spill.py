@@ -48,6 +48,11 @@ class SpillError(Exception):
     """A reference that does not resolve: its segment is gone, foreign or malformed."""
 
 
+class BadReference(SpillError):
+    """The record's message starts like a reference but is none (or names a segment
+    that is not its reader's): a malformed or forged message, not a lost segment."""
+
+
 def threshold(ring_bytes: int) -> int:
     """Records (name + message) longer than this leave the ring: a quarter of it.
 
@@ -102,15 +107,15 @@ def write(
 
 def _parse(ref: bytes | memoryview, expect: str) -> tuple[str, int]:
     if len(ref) <= _HDR or len(ref) > REF_MAX or ref[0] != TAG:
-        raise SpillError(f"not a spill reference ({len(ref)} bytes)")
+        raise BadReference(f"not a spill reference ({len(ref)} bytes)")
     (size,) = _LEN.unpack_from(ref, 1)
     try:
         seg = bytes(ref[_HDR:]).decode("ascii")
     except UnicodeDecodeError:
-        raise SpillError("a spill reference with a non-ASCII name") from None
+        raise BadReference("a spill reference with a non-ASCII name") from None
     tail = seg[1 + len(expect) :]
     if not seg.startswith("/" + expect) or not tail or not _is_hex(tail):
-        raise SpillError(f"a spill reference to {seg!r}, not a name of {expect!r}")
+        raise BadReference(f"a spill reference to {seg!r}, not a name of {expect!r}")
     return seg, size
 
 

@@ -4,9 +4,15 @@ Reads the host namespace's registry without joining it (no slot is taken, no ele
 is entered) and prints the live participants, the leader, whose registry it is, and
 every counter ``statistics()`` has: per participant and summed over the host.
 
-Exit status: 0 shown (or no such namespace), 1 the segment is not a readable registry
-of this version, 2 usage error (a bad ``--prefix`` or ``--host-id``), 3 the namespace
-belongs to another user (shown when readable - as root - and said so either way).
+It also judges the host's health, so that it can serve as a container probe: unhealthy
+when the namespace has no live leader, or the leader's RabbitMQ link is down or still
+connecting (with ``--broker``: also when no link was ever started).
+
+Exit status: 0 healthy, or no such namespace (nothing attached yet: the layer attaches
+on first use, so a probe must not fail a worker that has had no traffic); 1 the
+segment is not a readable registry of this version; 2 usage error (a bad ``--prefix``
+or ``--host-id``); 3 the namespace belongs to another user (shown when readable - as
+root - and said so either way); 4 unhealthy (the reasons are printed).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ EXIT_OK = 0
 EXIT_UNREADABLE = 1
 EXIT_USAGE = 2
 EXIT_OTHER_USER = 3
+EXIT_UNHEALTHY = 4
 SHM_FS = "/dev/shm"  # where Linux keeps POSIX shared memory (for the owner of one we cannot open)
 
 
@@ -153,10 +160,14 @@ def _read(cfg: LayerConfig, m: mmap.mmap, size: int, info: dict[str, Any]) -> di
             lf.close()
     link = L.LINK_NONE
     syncs = 0
+    reason = 0
     if 0 <= leader_slot < max_p:
         base = L.reg_slot_offset(leader_slot) + L.REG_LINK_OFFSET
         link = L.U64.unpack_from(m, base + 8 * L.LQ_STATE)[0]
         syncs = L.U64.unpack_from(m, base + 8 * L.LQ_SYNCS)[0]
+        reason = L.U64.unpack_from(m, base + 8 * L.LQ_REASON)[0]
+    info["link_reason"] = L.REASONS.get(reason, f"reason {reason}")
+    info["leader_alive"] = any(p["leader"] and p["alive"] for p in parts)
     info.update(
         {
             "readable": True,
@@ -205,6 +216,26 @@ def _counters(c: dict[str, Any], *, all_: bool) -> list[str]:
     return [x for x in lines if x is not None]
 
 
+def problems(info: dict[str, Any], broker: bool = False) -> list[str]:
+    """Why the host is unhealthy (empty: healthy), from what ``status`` read."""
+    if not info.get("exists") or not info.get("readable"):
+        return []
+    out = []
+    if info["leader_pid"] <= 0 or not info.get("leader_alive"):
+        out.append(
+            "no live leader (an election under way, or every process is gone)"
+            if info["leader_pid"] <= 0
+            else f"the leader (pid {info['leader_pid']}) is gone and not yet replaced"
+        )
+    link = info["link"]
+    if link in ("down", "connecting"):
+        why = info.get("link_reason") or "not connected yet"
+        out.append(f"the RabbitMQ link is {link}: {why}")
+    elif broker and link != "up":
+        out.append("no RabbitMQ link (no leader has started one; is `host` configured?)")
+    return out
+
+
 def render(info: dict[str, Any]) -> str:
     ns = info["namespace"]
     if not info["exists"]:
@@ -229,8 +260,12 @@ def render(info: dict[str, Any]) -> str:
         f"{ns}: owner uid {info['owner_uid']} ({info['owner']}), leader pid "
         f"{info['leader_pid']} (epoch {info['leader_epoch']}), "
         f"{len(info['participants'])} participant(s), ring {info['ring_bytes']} bytes,"
-        f" RabbitMQ link {info['link']}" + (f", site {info['site']!r}" if info["site"] else "")
+        f" RabbitMQ link {info['link']}"
+        + (f" ({info['link_reason']})" if info["link"] in ("down", "connecting") else "")
+        + (f", site {info['site']!r}" if info["site"] else "")
     )
+    bad = info.get("problems", [])
+    out.append("  health: " + ("UNHEALTHY: " + "; ".join(bad) if bad else "ok"))
     out.append(f"  host: pending {info['pending']}")
     out.extend("    " + x for x in _counters(info["totals"], all_=True))
     for p in info["participants"]:
@@ -245,14 +280,19 @@ def render(info: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m hybrid_layer",
-        epilog="exit status: 0 shown (or no such namespace), 1 not a readable registry, "
-        "2 usage error, 3 the namespace belongs to another user",
+        epilog="exit status: 0 healthy (or no such namespace), 1 not a readable registry, "
+        "2 usage error, 3 the namespace belongs to another user, 4 unhealthy",
     )
     sub = ap.add_subparsers(dest="cmd", required=True)
     st = sub.add_parser("status", help="show a host namespace: participants, leader, counters")
     st.add_argument("--prefix", default="asgi")
     st.add_argument("--host-id", default=None)
     st.add_argument("--json", action="store_true")
+    st.add_argument(
+        "--broker",
+        action="store_true",
+        help="the host runs in broker mode: no RabbitMQ link at all is unhealthy too",
+    )
     args = ap.parse_args(argv)
     raw: dict[str, Any] = {}
     for flag, key, value in (
@@ -267,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
             st.error(f"argument {flag}: {value!r} is not usable: {exc}")  # exits 2
         raw[key] = value
     info = status(parse_config(raw))
+    info["problems"] = problems(info, args.broker)
     if args.json:
         print(json.dumps(info, indent=2))
     else:
@@ -275,7 +316,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     if not info.get("yours", True):
         return EXIT_OTHER_USER
-    return EXIT_OK if info["readable"] else EXIT_UNREADABLE
+    if not info["readable"]:
+        return EXIT_UNREADABLE
+    return EXIT_UNHEALTHY if info["problems"] else EXIT_OK
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ stay below 80 % of ``outbound_limit``. Drops since the previous check (by this
 process; the host's counters are mirrored about once a second) are reported in
 ``warnings``, not made a failure: a full channel is the application's business, and
 a probe must not restart a container for it.
-``python -m hybrid_layer status`` exits 1 when unhealthy, so it can be a probe too.
+``python -m hybrid_layer status`` exits 4 when unhealthy, so it can be a probe too.
 """
 
 from __future__ import annotations

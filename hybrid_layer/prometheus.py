@@ -102,6 +102,12 @@ def metrics(g: Statistics, prefix: str, host_id: str) -> Iterator[Metric]:
     yield gauge(
         "pending", "Messages waiting for a receiver on the host (global_statistics)", g.pending
     )
+    extra_docs = {
+        "repaired": "Corrupted shared control words found and repaired",
+        "site_clash": "Another site seen sharing this namespace (same prefix)",
+    }
+    for key, v in sorted(g.extra.items()):
+        yield counter(key, extra_docs.get(key, key), v)
     yield gauge("ring_used_bytes", "Bytes waiting in the host's rings", g.ring_used_bytes)
     yield gauge("ring_size_bytes", "Size of the host's rings", g.ring_size_bytes)
     yield gauge("participants", "Processes attached to the host's namespace", g.participants)

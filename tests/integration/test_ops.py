@@ -88,6 +88,8 @@ async def test_prometheus_exports_every_counter(layer_config: dict[str, Any]) ->
     assert f'hybrid_layer_raised_total{{{labels},reason="full"}} 0.0' in text
     assert f"hybrid_layer_participants{{{labels}}} 1.0" in text
     assert f"hybrid_layer_pending{{{labels}}} 0.0" in text
+    assert f"hybrid_layer_repaired_total{{{labels}}} 0.0" in text
+    assert f"hybrid_layer_site_clash_total{{{labels}}} 0.0" in text
     assert "hybrid_layer_ring_size_bytes" in text and "hybrid_layer_link_up" not in text
 
 

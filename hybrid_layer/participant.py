@@ -905,13 +905,7 @@ class Participant:
             if bucket >= 0:
                 with self.lock:
                     self._deq(bucket, 1)
-            self.counters.drop(
-                "malformed" if isinstance(exc, spill.BadReference) else "corrupt",
-                1,
-                "hybrid_layer: a large message for %r dropped: %s",
-                rec.name,
-                exc,
-            )
+            self._spill_failed(rec.name, exc)
             return None
 
     def _ack_flush(self) -> None:
@@ -1202,19 +1196,24 @@ class Participant:
         if salvaged:
             self._take_over_out(salvaged)
 
+    def _spill_failed(self, name: str, exc: Exception) -> None:
+        """A large message whose segment cannot be had: a reference that is none (a bad
+        or forged message: malformed) or a segment gone or unreadable (corrupt)."""
+        self.counters.drop(
+            "malformed" if isinstance(exc, spill.BadReference) else "corrupt",
+            1,
+            "hybrid_layer: a large message for %r dropped: %s",
+            name,
+            exc,
+        )
+
     def _unspill_salvaged(self, rec: Any) -> memoryview | None:
         """A dead leader's hand-off whose message is in a segment of its own (named
         for the dead slot: any of this namespace's spill names is accepted here)."""
         try:
             return memoryview(spill.read(rec.message, spill.stem(self.ns.ns)))[rec.name_len :]
         except (spill.SpillError, OSError) as exc:
-            self.counters.drop(
-                "malformed" if isinstance(exc, spill.BadReference) else "corrupt",
-                1,
-                "hybrid_layer: a large message for %r dropped: %s",
-                rec.name,
-                exc,
-            )
+            self._spill_failed(rec.name, exc)
             return None
 
     def sweep_spills(self) -> None:

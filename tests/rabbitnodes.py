@@ -155,8 +155,31 @@ class Node:
             return False
         return True
 
+    def _find_pid(self) -> int | None:
+        """The node's VM, when ``start`` could not read its pid in time (a busy machine
+        writes the pid file late): its pid file now, else the process whose environment
+        names this node's own data directory (so only a node we started is found)."""
+        pidfile = self.dir / "pid"
+        text = pidfile.read_text().strip() if pidfile.exists() else ""
+        if text.isdigit():
+            return int(text)
+        mark = f"RABBITMQ_MNESIA_BASE={self.dir / 'mnesia'}".encode()
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                env = (entry / "environ").read_bytes().split(b"\0")
+                cmd = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if mark in env and b"beam" in cmd:
+                return int(entry.name)
+        return None
+
     def kill(self) -> None:
         """SIGKILL the node's VM (a node lost: its sockets close at once)."""
+        if self.pid is None:
+            self.pid = self._find_pid()
         if self.pid is not None and self.running():
             os.kill(self.pid, signal.SIGKILL)
             deadline = time.monotonic() + 10
@@ -166,6 +189,8 @@ class Node:
 
     def stop(self) -> None:
         """A clean stop (``rabbitmqctl stop``), else a SIGKILL."""
+        if self.pid is None:
+            self.pid = self._find_pid()
         if not self.running():
             self.pid = None
             return

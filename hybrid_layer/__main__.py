@@ -6,7 +6,11 @@ every counter ``statistics()`` has: per participant and summed over the host.
 
 It also judges the host's health, so that it can serve as a container probe: unhealthy
 when the namespace has no live leader, or the leader's RabbitMQ link is down or still
-connecting (with ``--broker``: also when no link was ever started).
+connecting (with ``--broker``: also when no link was ever started). Use it as a
+readiness probe; for a liveness probe add ``--liveness``, which ignores the broker
+(an outage must not restart containers whose same-host traffic still flows). A
+namespace with no live process (names left by processes that were killed) is healthy:
+nothing is attached yet, and the next process re-initialises it.
 
 Exit status: 0 healthy, or no such namespace (nothing attached yet: the layer attaches
 on first use, so a probe must not fail a worker that has had no traffic); 1 the
@@ -216,23 +220,36 @@ def _counters(c: dict[str, Any], *, all_: bool) -> list[str]:
     return [x for x in lines if x is not None]
 
 
-def problems(info: dict[str, Any], broker: bool = False) -> list[str]:
-    """Why the host is unhealthy (empty: healthy), from what ``status`` read."""
+def problems(info: dict[str, Any], broker: bool = False, liveness: bool = False) -> list[str]:
+    """Why the host is unhealthy (empty: healthy), from what ``status`` read.
+
+    A namespace with no live process at all (every one was SIGKILLed: its names stay
+    until the next attach re-initialises them) is not unhealthy: nothing is attached
+    yet, as after a fresh start. ``liveness``: only what a restart of this container
+    could cure (a leader that is gone and not replaced), not the broker's state: a
+    broker outage must not restart every container of a site whose same-host traffic
+    still flows.
+    """
     if not info.get("exists") or not info.get("readable"):
+        return []
+    if not any(p["alive"] for p in info["participants"]):
+        info["stale"] = True  # (shown; re-initialised by the next process to attach)
         return []
     out = []
     if info["leader_pid"] <= 0 or not info.get("leader_alive"):
         out.append(
-            "no live leader (an election under way, or every process is gone)"
+            "no live leader (an election under way)"
             if info["leader_pid"] <= 0
             else f"the leader (pid {info['leader_pid']}) is gone and not yet replaced"
         )
+    if liveness:
+        return out
     link = info["link"]
     if link in ("down", "connecting"):
         why = info.get("link_reason") or "not connected yet"
         out.append(f"the RabbitMQ link is {link}: {why}")
     elif broker and link != "up":
-        out.append("no RabbitMQ link (no leader has started one; is `host` configured?)")
+        out.append("no RabbitMQ link yet (a new leader is starting it, or `host` is not set)")
     return out
 
 
@@ -265,7 +282,13 @@ def render(info: dict[str, Any]) -> str:
         + (f", site {info['site']!r}" if info["site"] else "")
     )
     bad = info.get("problems", [])
-    out.append("  health: " + ("UNHEALTHY: " + "; ".join(bad) if bad else "ok"))
+    if info.get("stale"):
+        out.append(
+            "  health: ok - no live process: names left by processes that did not close "
+            "(re-initialised by the next one to attach)"
+        )
+    else:
+        out.append("  health: " + ("UNHEALTHY: " + "; ".join(bad) if bad else "ok"))
     out.append(f"  host: pending {info['pending']}")
     out.extend("    " + x for x in _counters(info["totals"], all_=True))
     for p in info["participants"]:
@@ -293,6 +316,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="the host runs in broker mode: no RabbitMQ link at all is unhealthy too",
     )
+    st.add_argument(
+        "--liveness",
+        action="store_true",
+        help="judge only what a restart could cure (the leader), not the broker link: "
+        "for a liveness probe (use the default for readiness)",
+    )
     args = ap.parse_args(argv)
     raw: dict[str, Any] = {}
     for flag, key, value in (
@@ -307,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
             st.error(f"argument {flag}: {value!r} is not usable: {exc}")  # exits 2
         raw[key] = value
     info = status(parse_config(raw))
-    info["problems"] = problems(info, args.broker)
+    info["problems"] = problems(info, args.broker, args.liveness)
     if args.json:
         print(json.dumps(info, indent=2))
     else:

@@ -37,17 +37,44 @@ def test_a_healthy_single_host_exits_0(layer_config: dict[str, Any]) -> None:
 
 
 def test_a_dead_leader_not_yet_replaced_is_unhealthy(layer_config: dict[str, Any]) -> None:
-    (r,) = [Remote(layer_config)]
-    r.call("new_channel")
-    r.kill()  # the only process: nobody takes over; its names stay until the next start
+    leader, other = Remote(layer_config), Remote(layer_config)
     try:
+        leader.call("new_channel")
+        other.call("new_channel")
+        assert leader.call("internals")["is_leader"]
+        other.kill()
+        leader.kill()
+        # both gone: a stale set, not a failure (the next process re-initialises it)
         out = status(layer_config["prefix"], "testhost")
-        assert out.returncode == 4, out.stdout
-        assert "UNHEALTHY" in out.stdout and "leader" in out.stdout, out.stdout
+        assert out.returncode == 0 and "no live process" in out.stdout, out.stdout
     finally:
         (again,) = [Remote(layer_config)]  # the next start finds the set stale...
         again.call("new_channel")
         again.close()  # ...and, last out, removes every name
+
+
+def test_a_leader_gone_while_others_live_is_unhealthy_until_replaced(
+    layer_config: dict[str, Any],
+) -> None:
+    import os
+    import signal
+
+    leader, other = Remote(layer_config), Remote(layer_config)
+    try:
+        leader.call("new_channel")
+        other.call("new_channel")
+        assert leader.call("internals")["is_leader"]
+        os.kill(other.pid, signal.SIGSTOP)  # alive, but cannot take the lease
+        leader.kill()
+        out = status(layer_config["prefix"], "testhost")
+        assert out.returncode == 4, out.stdout
+        assert "UNHEALTHY" in out.stdout and "leader" in out.stdout, out.stdout
+        assert status(layer_config["prefix"], "testhost", "--liveness").returncode == 4
+        os.kill(other.pid, signal.SIGCONT)  # it takes over: healthy again
+        assert wait_until(lambda: status(layer_config["prefix"], "testhost").returncode == 0, 5)
+    finally:
+        os.kill(other.pid, signal.SIGCONT)
+        other.close()
 
 
 def test_a_link_that_cannot_connect_is_unhealthy_with_its_reason(
@@ -68,5 +95,7 @@ def test_a_link_that_cannot_connect_is_unhealthy_with_its_reason(
         out = status(layer_config["prefix"], "testhost")
         assert out.returncode == 4, out.stdout
         assert "the RabbitMQ link is" in out.stdout and "broker unreachable" in out.stdout
+        # a liveness probe does not restart a container for a broker outage
+        assert status(layer_config["prefix"], "testhost", "--liveness").returncode == 0
     finally:
         r.close()

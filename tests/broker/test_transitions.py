@@ -179,7 +179,7 @@ def test_frame_over_this_hosts_limit_is_dropped_on_arrival(hosts: HostsFactory) 
     """Hosts that disagree on max_message_bytes: the larger message is dropped and
     counted where it arrives; the channel is not blocked behind it."""
     (big,) = hosts({"hbig": 1}, max_message_bytes=4 * 1024 * 1024)["hbig"]
-    (small,) = hosts({"hsmall": 1})["hsmall"]
+    (small,) = hosts({"hsmall": 1}, max_message_bytes=2 * 1024 * 1024)["hsmall"]
     ch = small.call("new_channel")
     big.call("send", ch, {"type": "huge", "b": b"x" * (3 * 1024 * 1024)})
     big.call("send", ch, {"type": "after"})

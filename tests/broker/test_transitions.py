@@ -262,6 +262,7 @@ def test_sending_leader_sigkill_hands_its_unread_hand_offs_to_the_next(
     b.call("collect", ch, n)
     snd.start_call("send_many", ch, [{"type": "m", "s": 0, "n": k} for k in range(n)])
     time.sleep(0.05)
+    held = old.call("stats").broker  # what it holds in its own memory, a moment before
     old.kill()
     accepted = snd.result(60)
     wait_until(lambda: len(b.call("collected", ch)) >= accepted - 3, 20)
@@ -269,8 +270,10 @@ def test_sending_leader_sigkill_hands_its_unread_hand_offs_to_the_next(
     got = [m["n"] for m in b.call("collected", ch)]
     assert got == sorted(set(got)), "duplicated or reordered"
     lost = sorted(set(range(accepted)) - set(got))
-    # only what the dead leader had taken off its ring and not yet got confirmed: in a
-    # burst at full speed, about one batch (publish_batch = 128) - one run of numbers
-    assert len(lost) <= 2 * 128, lost
+    # only what the dead leader had taken off its ring and not yet got confirmed (its
+    # outbound queue and in-flight publishes: about one batch, publish_batch = 128, when
+    # the broker keeps up; in a burst on a busy machine, what had piled up), plus what
+    # it took in the moment between that look and the kill - one run of numbers
+    assert len(lost) <= held["outbound"] + held["in_flight"] + 2 * 128, (lost, held)
     assert lost == list(range(lost[0], lost[0] + len(lost))) if lost else True, lost
     assert wait_until(lambda: b.call("stats").dropped["no_channel"] == 0, 1)

@@ -99,6 +99,17 @@ def dead_queue(prefix: str, host_id: str) -> str:
 DEAD_MAX = 10_000  # messages the dead-letter queue keeps while no leader reads it
 
 
+def normal_dead_queue(prefix: str) -> str:
+    """Where the broker dead-letters what expires (or a policy drops) in any normal
+    channel's queue: one queue for the prefix, read by every leader (competing
+    consumers), so each such drop is counted once, by whichever host takes it."""
+    return f"{prefix}.normal.dead"
+
+
+#: its arguments are the same for every host (they share it): fixed, not from CONFIG
+NORMAL_DEAD_ARGS = {"x-expires": 24 * 3600 * 1000, "x-max-length": DEAD_MAX}
+
+
 def host_queue_args(cfg: Any) -> tuple[bool, dict[str, Any]]:
     """(durable, arguments) of a host's queue: it outlives its connection and leader
     (not exclusive) until unused for ``host_queue_expires``; one consumer at a time;
@@ -446,6 +457,8 @@ class Link:
             },
         )
         await ch.queue_bind(dq, dx, routing_key=self.queue)
+        ndq = normal_dead_queue(cfg.prefix)
+        await self._declare_normal_dead(ndq, dx)
         durable, args = host_queue_args(cfg)
         try:
             await ch.queue_declare(self.queue, durable=durable, arguments=args)
@@ -477,6 +490,8 @@ class Link:
         await nch.basic_qos(prefetch_count=PREFETCH)
         ok = await nch.basic_consume(dq, self._on_dead, no_ack=True)
         _run_inline(nch, ok.consumer_tag, self._on_dead)
+        ok = await nch.basic_consume(ndq, self._on_normal_dead, no_ack=True)
+        _run_inline(nch, ok.consumer_tag, self._on_normal_dead)
         self.bound = set()
         self.consuming = {}
         self.declared = {}
@@ -1069,6 +1084,9 @@ class Link:
             "x-overflow": "reject-publish",
             "x-message-ttl": int(cfg.expiry * 1000),
             "x-expires": int(max(300.0, 4 * cfg.expiry) * 1000),
+            # what expires there (no reader in time) is counted by a leader
+            "x-dead-letter-exchange": dead_exchange(cfg.prefix),
+            "x-dead-letter-routing-key": normal_dead_queue(cfg.prefix),
         }
 
     async def _declare_normal(self, h: int, channel: str) -> None:
@@ -1438,11 +1456,36 @@ class Link:
             elif frame.origin != self.cfg.host_id:  # (our own copy went out locally)
                 p.deliver_group(frame.name, frame.payload, expires_at)
 
-    def _on_dead(self, msg: DeliveredMessage) -> None:
+    async def _declare_normal_dead(self, ndq: str, dx: str) -> None:
+        """The prefix's shared dead-letter queue of normal channels (on a channel of its
+        own: a mismatch must not take the link down; then it is used as it is)."""
+        tmp = await self.conn.channel(publisher_confirms=False)
+        try:
+            await tmp.queue_declare(ndq, arguments=NORMAL_DEAD_ARGS)
+            await tmp.queue_bind(ndq, dx, routing_key=ndq)
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            limited.warning(
+                "normal-dead-mismatch",
+                "hybrid_layer: queue %s exists with other arguments; using it as it is: %s",
+                ndq,
+                exc,
+            )
+        finally:
+            with contextlib.suppress(Exception):
+                await tmp.close()
+
+    def _on_normal_dead(self, msg: DeliveredMessage) -> None:
+        """What the broker dropped from a normal channel's queue (its ``x-message-ttl``
+        = ``expiry`` passed with no reader, or a policy): counted and logged here, by
+        whichever leader took it from the shared dead queue."""
+        self._on_dead(msg, "a normal channel's queue")
+
+    def _on_dead(self, msg: DeliveredMessage, where: str = "") -> None:
         """What the broker dropped from the host's queue (dead-lettered): counted, and
         the reason logged. ``expired`` before the frame's own deadline means a policy's
         ``message-ttl`` is lower than ``expiry``; ``maxlen`` a policy's ``max-length``
         or ``max-length-bytes`` with overflow ``drop-head``."""
+        queue = where or f"queue {self.queue}"
         headers = msg.header.properties.headers or {}
         reason = headers.get("x-first-death-reason") or "unknown"
         if isinstance(reason, bytes):
@@ -1471,23 +1514,28 @@ class Link:
         self.dead_lettered[key] = self.dead_lettered.get(key, 0) + n
         if early:
             why = (
-                "expired on the broker BEFORE their expiry: a policy's message-ttl on "
-                f"queue {self.queue} is lower than CONFIG['expiry'] ({self.cfg.expiry:g}s): "
+                f"expired on the broker BEFORE their expiry: a policy's message-ttl on "
+                f"{queue} is lower than CONFIG['expiry'] ({self.cfg.expiry:g}s): "
                 "rabbitmqctl list_policies"
             )
         elif reason == "expired":
-            why = "expired waiting on the broker (no leader read this host's queue in time)"
+            why = (
+                "expired waiting on the broker (no reader took it in time)"
+                if where
+                else "expired waiting on the broker (no leader read this host's queue in time)"
+            )
         else:
             why = (
                 f"dropped by the broker ({reason}): a policy's max-length, "
-                "max-length-bytes (overflow drop-head) or delivery-limit on queue "
-                f"{self.queue}: rabbitmqctl list_policies"
+                f"max-length-bytes (overflow drop-head) or delivery-limit on {queue}: "
+                "rabbitmqctl list_policies"
             )
         c.drop(
             "expired" if reason == "expired" else "remote_full",
             n,
-            "hybrid_layer: %d message(s) to this host %s",
+            "hybrid_layer: %d message(s) to %s %s",
             n,
+            where or "this host",
             why,
         )
 

@@ -29,3 +29,27 @@ def test_across_hosts_a_local_reader_that_stops_gives_way_to_another_hosts(
         assert a.call("stats").received == 1
     finally:
         delete_queues(broker_url, [normal_queue_name(ns_prefix, "jobs")])
+
+
+def test_a_normal_channel_message_that_expires_on_the_broker_is_counted(
+    hosts: HostsFactory, broker_url: str, ns_prefix: str
+) -> None:
+    """Nobody reads "jobs": what waits in its queue on RabbitMQ expires there
+    (x-message-ttl = expiry) and is dead-lettered to the prefix's shared dead queue,
+    where a leader counts it (dropped["expired"]) and logs it - never lost silently."""
+    from tests.broker.conftest import delete_queues, normal_queue_name
+
+    hs = hosts({"ha": 1, "hb": 1}, expiry=2)
+    try:
+        sender = hs["ha"][0]
+        assert sender.call("send_many", "jobs", [{"type": "job", "i": i} for i in range(5)]) == 5
+
+        def counted() -> int:
+            return sum(r.call("stats").dropped["expired"] for rs in hs.values() for r in rs)
+
+        deadline = time.monotonic() + 15
+        while counted() < 5 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert counted() == 5
+    finally:
+        delete_queues(broker_url, [normal_queue_name(ns_prefix, "jobs")])

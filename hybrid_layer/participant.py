@@ -984,7 +984,8 @@ class Participant:
                 return
             link = self.link
         if link is not None and self.ns.is_leader:
-            got = link.submit(rec.kind, name, bytes(rec.message), rec.expires_at, key)
+            # (a view of the record's own bytes, copied out of the ring: no copy here)
+            got = link.submit(rec.kind, name, rec.message, rec.expires_at, key)
             if got == LINK_DOWN:
                 self.count_link_drop(name)
             elif got == FULL_RING:

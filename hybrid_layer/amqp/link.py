@@ -63,6 +63,9 @@ HOST_PREFETCH = 64  # ... from the host queue (AMQP messages, each a batch of up
 # CONFIG publish_batch messages)
 DECLARE_AGAIN = 60.0  # re-declare a normal queue we publish to (keeps x-expires away)
 MAX_BATCH_BYTES = 256 * 1024  # a batch (CONFIG publish_batch) stops at about this size
+# a message this long goes out not joined (wire.Parts); as LARGE <= MAX_BATCH_BYTES, it
+# is always alone in its AMQP message (``_next_batch``)
+LARGE = wire.LARGE
 HOLD_MAX = 10_000  # direct messages held for busy readers before acks are held back
 HOLD_BYTES = 32 * 1024 * 1024  # ... or bytes held (a hard cap at twice it: dropped)
 HOLD_LOW = 5_000  # ... and acknowledged again under this
@@ -70,6 +73,9 @@ HOLD_RETRY = 0.002  # seconds between attempts to place held messages
 ACK_DELAY = 0.001  # deliveries are acknowledged (multiple) this long after the first
 NORMAL_PAUSE = 0.05  # stop consuming a normal queue this long when its readers are full
 
+#: one outbound message: (kind, name, payload, expires_at, capacity key); the payload may
+#: be a view of an immutable record body (never of shared memory)
+Out = tuple[int, str, bytes | memoryview, float, str | None]
 KIND_TO_WIRE = {
     L.KIND_OUT_DIRECT: wire.DIRECT,
     L.KIND_OUT_GROUP: wire.GROUP,
@@ -154,7 +160,7 @@ class Pub:
         name: str,
         key: str | None,
         dest: tuple[str, str, bool],
-        body: bytes,
+        body: bytes | wire.Parts,  # a large message's frame not joined
         n: int,
         until: float,
     ) -> None:
@@ -190,7 +196,7 @@ class Link:
         self.loop = loop
         self.crypter = wire.Crypter(cfg.encryption_keys) if cfg.encryption_keys else None
         self.queue = host_queue(cfg.prefix, cfg.host_id)
-        self.out: deque[tuple[int, str, bytes, float, str | None]] = deque()
+        self.out: deque[Out] = deque()
         self.out_bytes = 0
         self.limit, self.limit_bytes = cfg.outbound_limit, cfg.outbound_limit_bytes
         # publishes awaiting a confirm, in publish order (seq); those of a lost
@@ -246,7 +252,7 @@ class Link:
         self._ack_held_back = False
         self._ack_task: asyncio.Future[Any] | None = None  # the one basic.ack under way
         # direct messages from other hosts waiting for room in a busy reader's inbox
-        self.held: dict[str, deque[tuple[bytes, float]]] = {}
+        self.held: dict[str, deque[tuple[bytes | memoryview, float]]] = {}
         self.held_total = 0
         self.held_bytes = 0
         self.max_frame = cfg.max_message_bytes + 4096  # frames over it dropped on arrival
@@ -260,7 +266,7 @@ class Link:
 
     # ================================================================ any thread
     def submit(
-        self, kind: int, name: str, payload: bytes, expires_at: float, key: str | None
+        self, kind: int, name: str, payload: bytes | memoryview, expires_at: float, key: str | None
     ) -> int:
         """Queue one outbound message: OK, or LINK_DOWN / FULL_RING (outbound queue
         full), which the caller counts as a drop or backs off from."""
@@ -277,7 +283,7 @@ class Link:
         self.kick()
         return OK
 
-    def _popleft(self) -> tuple[int, str, bytes, float, str | None]:
+    def _popleft(self) -> Out:
         item = self.out.popleft()
         self.out_bytes -= len(item[2])
         return item
@@ -688,7 +694,7 @@ class Link:
 
     def _next_batch(
         self,
-    ) -> tuple[list[tuple[int, str, bytes, float, str | None]], tuple[str, str, bool] | None]:
+    ) -> tuple[list[Out], tuple[str, str, bool] | None]:
         """Take the next AMQP message's worth from ``out``: the first message and, for a
         host or group, those after it for the same destination (``publish_batch``)."""
         out = self.out
@@ -725,7 +731,7 @@ class Link:
 
     def _publish(
         self,
-        batch: list[tuple[int, str, bytes, float, str | None]],
+        batch: list[Out],
         dest: tuple[str, str, bool] | None,
     ) -> Any:
         """One AMQP message to ``dest`` (``_route`` of the first): one frame, or a batch
@@ -739,26 +745,35 @@ class Link:
         frames = []
         longest = 0.0
         wkind = KIND_TO_WIRE[kind]
+        parts = None
         for _, fname, payload, expires_at, _ in batch:
             remaining = expires_at - now_mono
             if remaining <= 0:
                 c.drop("expired", 1, "hybrid_layer: message to %r expired before publish", fname)
                 continue
             longest = max(longest, remaining)
+            if len(payload) >= LARGE and len(batch) == 1:  # (alone: over a batch)
+                parts = wire.encode_parts(wkind, cfg.host_id, fname, now_wall + remaining, payload)
+                break
             frames.append(wire.encode(wkind, cfg.host_id, fname, now_wall + remaining, payload))
-        if not frames:
+        if parts is not None:  # a large one, not joined: cut into AMQP frames at once
+            body: bytes | wire.Parts = parts
+            n = 1
+        elif not frames:
             return None
+        else:
+            body = frames[0] if len(frames) == 1 else wire.encode_batch(frames)
+            n = len(frames)
         if dest is None:
             c.drop(
                 "no_channel",
-                len(frames),
+                n,
                 "hybrid_layer: %d message(s) to %r dropped: no destination on the broker",
-                len(frames),
+                n,
                 name,
             )
             return None
-        body = frames[0] if len(frames) == 1 else wire.encode_batch(frames)
-        pub = Pub(kind, name, key, dest, body, len(frames), now_mono + longest)
+        pub = Pub(kind, name, key, dest, body, n, now_mono + longest)
         c.broker_published += pub.n
         if pub.n > 1:
             c.broker_batches += 1
@@ -805,7 +820,7 @@ class Link:
             else:
                 fut = asyncio.ensure_future(
                     ch.basic_publish(
-                        body,
+                        body.join() if isinstance(body, wire.Parts) else body,
                         exchange=exchange,
                         routing_key=rk,
                         properties=props,
@@ -1274,7 +1289,11 @@ class Link:
 
     # ---------------------------------------------------------------- held deliveries
     def _hold(
-        self, q: deque[tuple[bytes, float]], channel: str, payload: bytes, expires_at: float
+        self,
+        q: deque[tuple[bytes | memoryview, float]],
+        channel: str,
+        payload: bytes | memoryview,
+        expires_at: float,
     ) -> None:
         """Keep a direct message whose reader is full until it has room (or expires).
 
@@ -1679,12 +1698,14 @@ def _can_publish_directly(ch: Any) -> bool:
 
 
 def _publish_frame(
-    ch: Any, body: bytes, exchange: str, rk: str, props: Any, mandatory: bool
+    ch: Any, body: bytes | wire.Parts, exchange: str, rk: str, props: Any, mandatory: bool
 ) -> tuple[asyncio.Future[Any], Any]:
     """What ``ch.basic_publish`` does before it waits, without its task, lock, timeout
     and drain: take the next delivery tag, register the confirmation future (and the
-    message id that a ``basic.return`` is matched by), and marshal the three frames
-    into one write (``wire.publish_frames`` when the body fits one frame, else pamqp).
+    message id that a ``basic.return`` is matched by), and marshal the frames into one
+    write (``wire.publish_frames`` when the body fits one frame; else
+    ``wire.publish_frames_parts``, which copies the body once where pamqp and aiormq's
+    ``_split_body`` copy it several times).
     Returns (the confirmation, the frame for ``ch.write_queue``).
 
     The link is the only publisher on ``ch`` and puts each frame on the queue before it
@@ -1697,12 +1718,28 @@ def _publish_frame(
     mid = props.message_id  # unique per publish: a basic.return is matched by it
     # the frame first: if it cannot be built, no tag is taken (a gap would shift every
     # later confirmation onto the wrong message)
-    if 0 < len(body) < getattr(ch, "max_content_size", 0):  # one body frame
+    max_content = getattr(ch, "max_content_size", 0)
+    if type(body) is bytes and 0 < len(body) < max_content:  # one body frame
         data = wire.publish_frames(
             ch.number, exchange, rk, mandatory, body, props.delivery_mode, props.expiration, mid
         )
         frame = ChannelFrame(payload=data, should_close=False)
+    elif max_content > 0:  # (a large one: its body frames cut from its parts, one copy)
+        data = wire.publish_frames_parts(
+            ch.number,
+            exchange,
+            rk,
+            mandatory,
+            (body.head, body.payload) if isinstance(body, wire.Parts) else (body,),
+            props.delivery_mode,
+            props.expiration,
+            mid,
+            max_content,
+        )
+        frame = ChannelFrame(payload=data, should_close=False)
     else:
+        if isinstance(body, wire.Parts):
+            body = body.join()
         frame = ChannelFrame.marshall(
             channel_number=ch.number,
             frames=[

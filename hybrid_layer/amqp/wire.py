@@ -79,7 +79,7 @@ class Frame(NamedTuple):
     origin: str
     name: str
     expires_wall: float
-    payload: bytes
+    payload: bytes | memoryview  # a view of the delivered body for a large one
 
 
 class Crypter:
@@ -121,14 +121,20 @@ class Sealed(NamedTuple):
 
 
 def seal(
-    crypter: Crypter, nonce: int, seq: int, exchange: str, routing_key: str, body: bytes
+    crypter: Crypter,
+    nonce: int,
+    seq: int,
+    exchange: str,
+    routing_key: str,
+    body: bytes | Parts,
 ) -> bytes:
     """``body`` (a frame or a batch) as one token bound to its route and id."""
     e, r = exchange.encode(), routing_key.encode()
     if len(e) > 255 or len(r) > 255:
         raise WireError("exchange or routing key over 255 bytes")
     head = SEAL_HEADER.pack(SEAL_VERSION, nonce, seq)
-    plain = b"".join((head, bytes((len(e),)), e, bytes((len(r),)), r, body))
+    rest = (body.head, body.payload) if isinstance(body, Parts) else (body,)
+    plain = b"".join((head, bytes((len(e),)), e, bytes((len(r),)), r, *rest))
     return bytes((SEALED,)) + crypter.encrypt(plain)
 
 
@@ -194,6 +200,43 @@ def encode(
     return b"".join((head, o, n, payload))
 
 
+class Parts:
+    """A frame not joined: its header (:func:`encode`'s ``head + origin + name``) and
+    its payload. A large message travels like this from the link's queue to the socket
+    write: :func:`publish_frames_parts` cuts the AMQP body frames straight from the two,
+    so its payload is copied once on its way out, however many frames carry it.
+    ``len()`` is the frame's length; :meth:`join` is the frame (for sealing, and for
+    aiormq's own ``basic_publish``)."""
+
+    __slots__ = ("head", "payload")
+
+    def __init__(self, head: bytes, payload: bytes | memoryview) -> None:
+        self.head, self.payload = head, payload
+
+    def __len__(self) -> int:
+        return len(self.head) + len(self.payload)
+
+    def join(self) -> bytes:
+        return b"".join((self.head, self.payload))
+
+
+#: a payload at least this long is kept as :class:`Parts` on its way out (never in a
+#: batch: the link batches up to 256 KiB) and decoded as a view of the delivered body
+#: (:func:`decode`) instead of a copy
+LARGE = 64 * 1024
+
+
+def encode_parts(
+    kind: int, origin: str, name: str, expires_wall: float, payload: bytes | memoryview
+) -> Parts:
+    """:func:`encode`, not joined."""
+    o = origin.encode()
+    n = name.encode()
+    return Parts(
+        b"".join((HEADER.pack(VERSION, kind, len(o), len(n), expires_wall), o, n)), payload
+    )
+
+
 def decode(data: bytes | memoryview) -> Frame:
     if len(data) < HEADER.size:
         raise WireError(f"{len(data)} bytes is shorter than a frame header")
@@ -219,6 +262,8 @@ def decode(data: bytes | memoryview) -> Frame:
         raise WireError("names are not UTF-8") from None
     if not name:
         raise WireError("empty destination name")
+    if len(data) - end >= LARGE:  # a view: the delivered body is immutable bytes
+        return Frame(kind, origin, name, expires_wall, memoryview(data)[end:])
     return Frame(kind, origin, name, expires_wall, bytes(data[end:]))
 
 
@@ -386,3 +431,65 @@ def publish_frames(
             _FRAME_END,
         )
     )
+
+
+def publish_frames_parts(
+    channel: int,
+    exchange: str,
+    routing_key: str,
+    mandatory: bool,
+    body: tuple[bytes | memoryview, ...],
+    delivery_mode: int,
+    expiration: str,
+    message_id: str,
+    max_content: int,
+) -> bytes:
+    """:func:`publish_frames` for a body of any size, given as ``body``'s parts joined:
+    body frames of ``max_content`` bytes (the connection's ``frame_max`` less a frame's
+    8 bytes of framing) and a shorter last one, as aiormq cuts them. One join: the body
+    is copied once, however many parts and frames (aiormq copies it four times)."""
+    if max_content < 1:
+        raise ValueError(f"max_content must be positive, not {max_content}")
+    size = sum(len(part) for part in body)
+    method = b"".join(
+        (
+            _PUBLISH_METHOD.pack(60, 40, 0),
+            _shortstr(exchange),
+            _shortstr(routing_key),
+            b"\x01" if mandatory else b"\x00",
+        )
+    )
+    header = b"".join(
+        (
+            _HEADER_START.pack(60, 0, size, _PROPS),
+            bytes((delivery_mode,)),
+            _shortstr(expiration),
+            _shortstr(message_id),
+        )
+    )
+    out: list[bytes | memoryview] = [
+        _FRAME_HEAD.pack(1, channel, len(method)),
+        method,
+        _FRAME_END,
+        _FRAME_HEAD.pack(2, channel, len(header)),
+        header,
+        _FRAME_END,
+    ]
+    views = [memoryview(part).cast("B") for part in body if len(part)]
+    i = off = 0  # the next byte: views[i][off]
+    left = size
+    while left:
+        n = min(max_content, left)
+        left -= n
+        out.append(_FRAME_HEAD.pack(3, channel, n))
+        while n:
+            v = views[i]
+            take = min(n, len(v) - off)
+            out.append(v[off : off + take])
+            n -= take
+            off += take
+            if off == len(v):
+                i += 1
+                off = 0
+        out.append(_FRAME_END)
+    return b"".join(out)

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import aiormq
 from aiormq.abc import ChannelFrame, DeliveredMessage
 from pamqp import commands as spec
+from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
 
 from .. import names
@@ -452,6 +453,7 @@ class Link:
         cfg, conn = self.cfg, self.conn
         ch = self.ch = await conn.channel(publisher_confirms=True)
         self._fast_publish = _can_publish_directly(ch)
+        _join_content(ch)
         await ch.exchange_declare(cfg.groups_exchange, exchange_type="direct")
         dx, dq = dead_exchange(cfg.prefix), dead_queue(cfg.prefix, cfg.host_id)
         await ch.exchange_declare(dx, exchange_type="direct")
@@ -482,6 +484,7 @@ class Link:
             )
             ch = self.ch = await conn.channel(publisher_confirms=True)
             self._fast_publish = _can_publish_directly(ch)
+            _join_content(ch)
             await ch.queue_declare(self.queue, passive=True)
         # acknowledged (in batches) so that a stalled leader holds at most the prefetch
         # and the rest waits on the broker, where remote_capacity applies
@@ -1777,6 +1780,33 @@ def _run_inline(ch: Any, tag: str, callback: Any) -> None:
             return _nothing()
 
         consumers[tag] = inline
+
+
+def _join_content(ch: Any) -> None:
+    """Have aiormq assemble a delivered body from its body frames with one join (none
+    for a body in one frame) instead of writing them into a ``BytesIO`` one by one and
+    copying its value out: a large message's body is copied once less. Only where the
+    channel reads content as this was written against (aiormq 6.8 to 7): a
+    ``_read_content(frame, header)`` that takes ``ContentBody`` frames from
+    ``_get_frame()``; else aiormq's own way stays."""
+    get_frame = getattr(ch, "_get_frame", None)
+    if get_frame is None or not callable(getattr(ch, "_read_content", None)):
+        return
+
+    async def read_content(frame: Any, header: ContentHeader) -> DeliveredMessage:
+        size = header.body_size or 0
+        parts: list[bytes] = []
+        got = 0
+        while got < size:
+            content = await get_frame()
+            if not isinstance(content, ContentBody):
+                raise ValueError(f"Unexpected frame {content!r}", content)
+            parts.append(content.value)
+            got += len(content.value)
+        body = parts[0] if len(parts) == 1 else b"".join(parts)
+        return DeliveredMessage(delivery=frame, header=header, body=body, channel=ch)
+
+    ch._read_content = read_content
 
 
 def _explain(exc: BaseException, cfg: Any) -> tuple[int, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import struct
 import time
 
@@ -404,3 +405,147 @@ def test_publish_frames_match_pamqp_byte_for_byte(
 def test_publish_frames_reject_a_name_over_255_bytes() -> None:
     with pytest.raises(wire.WireError, match="255"):
         wire.publish_frames(1, "", "q" * 256, True, b"x", 1, "1000", "1")
+
+
+# ---------------------------------------------------------------- large bodies, one copy
+def _pamqp_publish_split(
+    channel: int,
+    exchange: str,
+    rk: str,
+    mandatory: bool,
+    body: bytes,
+    exp: str,
+    mid: str,
+    max_content: int,
+) -> bytes:
+    """What aiormq sends for ``body``: its ``_split_body`` (one frame under
+    ``max_content``, else frames of ``max_content``), marshalled by pamqp."""
+    from pamqp import commands as spec
+    from pamqp import frame
+    from pamqp.body import ContentBody
+    from pamqp.header import ContentHeader
+
+    props = spec.Basic.Properties(delivery_mode=1, expiration=exp, message_id=mid)
+    if not body:
+        chunks = []
+    elif len(body) < max_content:
+        chunks = [body]
+    else:
+        chunks = [body[i : i + max_content] for i in range(0, len(body), max_content)]
+    out = frame.marshal(
+        spec.Basic.Publish(exchange=exchange, routing_key=rk, mandatory=mandatory), channel
+    ) + frame.marshal(ContentHeader(0, len(body), props), channel)
+    return out + b"".join(frame.marshal(ContentBody(c), channel) for c in chunks)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    channel=st.integers(1, 65535),
+    exchange=_short,
+    rk=_short,
+    mandatory=st.booleans(),
+    body=st.binary(max_size=600),
+    cuts=st.lists(st.integers(0, 600), max_size=4),
+    max_content=st.integers(1, 200),
+    exp=st.integers(1, 2**31).map(str),
+    mid=st.integers(1, 2**63).map(str),
+)
+def test_publish_frames_parts_match_aiormq_and_pamqp_byte_for_byte(
+    channel: int,
+    exchange: str,
+    rk: str,
+    mandatory: bool,
+    body: bytes,
+    cuts: list[int],
+    max_content: int,
+    exp: str,
+    mid: str,
+) -> None:
+    # the body in parts (bytes and views, some empty), cut anywhere
+    at = sorted({min(c, len(body)) for c in cuts})
+    bounds = [0, *at, len(body)]
+    parts = tuple(
+        memoryview(body)[a:b] if i % 2 else body[a:b]
+        for i, (a, b) in enumerate(itertools.pairwise(bounds))
+    )
+    got = wire.publish_frames_parts(
+        channel, exchange, rk, mandatory, parts, 1, exp, mid, max_content
+    )
+    assert got == _pamqp_publish_split(
+        channel, exchange, rk, mandatory, body, exp, mid, max_content
+    )
+
+
+def test_publish_frames_parts_refuse_a_frame_size_of_zero() -> None:
+    with pytest.raises(ValueError, match="max_content"):
+        wire.publish_frames_parts(1, "", "q", True, (b"x",), 1, "1000", "1", 0)
+
+
+def test_a_large_frame_in_parts_is_the_frame_and_decodes_to_a_view() -> None:
+    payload = bytes(range(256)) * 300  # over wire.LARGE
+    parts = wire.encode_parts(wire.DIRECT, "ha", "specific.x!y", 123.5, memoryview(payload))
+    assert len(parts) == len(parts.join())
+    assert parts.join() == wire.encode(wire.DIRECT, "ha", "specific.x!y", 123.5, payload)
+    f = wire.decode(parts.join())
+    assert isinstance(f.payload, memoryview)  # not copied out of the delivered body
+    assert f.payload == payload
+    small = wire.decode(wire.encode(wire.DIRECT, "ha", "c", 1.0, b"abc"))
+    assert type(small.payload) is bytes and small.payload == b"abc"
+
+
+def test_sealing_parts_is_sealing_the_joined_frame() -> None:
+    crypter = wire.Crypter((b"key",))
+    parts = wire.encode_parts(wire.DIRECT, "ha", "c", time.time() + 60, b"p" * 70_000)
+    now = time.time()
+    a = wire.unseal(crypter, wire.seal(crypter, 7, 9, "", "rk", parts), now)
+    b = wire.unseal(crypter, wire.seal(crypter, 7, 9, "", "rk", parts.join()), now)
+    assert a.body == b.body == parts.join()
+    assert (a.nonce, a.seq, a.routing_key) == (b.nonce, b.seq, b.routing_key) == (7, 9, "rk")
+
+
+class _Channel:
+    """The two members of an aiormq channel that ``link._join_content`` relies on."""
+
+    def __init__(self, frames: list[object]) -> None:
+        self.frames = list(frames)
+
+    async def _get_frame(self) -> object:
+        return self.frames.pop(0)
+
+    async def _read_content(self, frame: object, header: object) -> object:
+        raise AssertionError("replaced")
+
+
+def test_a_delivered_body_is_joined_once_from_its_frames() -> None:
+    import asyncio
+
+    from pamqp import commands as spec
+    from pamqp.body import ContentBody
+    from pamqp.header import ContentHeader
+
+    from hybrid_layer.amqp.link import _join_content
+
+    deliver = spec.Basic.Deliver(consumer_tag="t", delivery_tag=1, routing_key="q")
+    chunks = [b"a" * 10, b"b" * 10, b"c" * 3]
+    ch = _Channel([ContentBody(c) for c in chunks])
+    _join_content(ch)
+    msg = asyncio.run(ch._read_content(deliver, ContentHeader(0, 23)))
+    assert msg.body == b"".join(chunks) and msg.delivery is deliver and msg.channel is ch
+    one = b"x" * 5
+    ch = _Channel([ContentBody(one)])
+    _join_content(ch)
+    assert asyncio.run(ch._read_content(deliver, ContentHeader(0, 5))).body is one  # no copy
+    ch = _Channel([])
+    _join_content(ch)
+    assert asyncio.run(ch._read_content(deliver, ContentHeader(0, 0))).body == b""
+    ch = _Channel([spec.Basic.Ack()])
+    _join_content(ch)
+    with pytest.raises(ValueError, match="Unexpected frame"):
+        asyncio.run(ch._read_content(deliver, ContentHeader(0, 5)))
+
+    class Other:  # an aiormq that reads content another way: left alone
+        pass
+
+    other = Other()
+    _join_content(other)
+    assert not hasattr(other, "_read_content")

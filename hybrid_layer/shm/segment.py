@@ -37,14 +37,17 @@ class Segment:
                 if not create:
                     raise ValueError(f"shared memory {name} has size {st.st_size}, not {size}")
                 os.ftruncate(shm.fd, size)
-            if self.created:
-                # reserve the pages now: a full /dev/shm must fail here with a clear
-                # error, not later with SIGBUS when a page is first touched
+            # reserve the pages now: a full /dev/shm must fail here with a clear error,
+            # not later with SIGBUS when a page is first touched. Also a segment found at
+            # its size but not reserved: its creator was killed between the resize and
+            # the reservation (cheap where the pages are reserved already)
+            if self.created or (create and st.st_blocks * 512 < size):
                 try:
                     os.posix_fallocate(shm.fd, 0, size)
                 except OSError as exc:
-                    with contextlib.suppress(posix_ipc.ExistentialError):
-                        posix_ipc.unlink_shared_memory(name)
+                    if self.created:
+                        with contextlib.suppress(posix_ipc.ExistentialError):
+                            posix_ipc.unlink_shared_memory(name)
                     raise OSError(
                         exc.errno,
                         f"cannot reserve {size} bytes of shared memory for {name} "

@@ -515,14 +515,53 @@ def _install_sigterm_handler() -> None:
     _sigterm_installed = True
 
 
+#: how long a SIGTERM waits for the main thread's event loop to run the close
+SIGTERM_LOOP_WAIT = 1.0
+
+
 def _on_sigterm(signum: int, frame: object) -> None:
     """Leave the namespace (the last process out removes the names, another frees its
     slot at once), then die of SIGTERM as if there had been no handler: same exit
-    status, same meaning for the supervisor. The close runs in a thread and gets at
-    most ``SIGTERM_CLOSE_WAIT`` s: the main thread may have been interrupted holding
-    one of the layer's locks; then the process dies without a clean close, as with
-    SIGKILL, and the leader reclaims its slot. A second SIGTERM ends it at once."""
+    status, same meaning for the supervisor. A second SIGTERM ends it at once.
+
+    A signal handler runs in the main thread between two bytecodes: maybe in the middle
+    of a ``send`` holding one of the layer's locks, which the close needs. When the main
+    thread runs an event loop (``runworker``, a consumer), the close is therefore done
+    from that loop's next callback, where no layer code is half-way through; otherwise
+    (the main thread blocked in ``async_to_sync``, a sleep) at once.
+    """
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    loop = asyncio._get_running_loop()
+    if loop is not None and not loop.is_closed():
+        started = threading.Event()
+        try:
+            loop.call_soon_threadsafe(_close_then_die, started)
+        except RuntimeError:  # (closing under us: do it here)
+            pass
+        else:
+            # a loop whose tasks never yield would never run it: then die within a
+            # second without a clean close (as with SIGKILL: the leader reclaims the slot)
+            threading.Thread(target=_unless_started, args=(started,), daemon=True).start()
+            return
+    _close_then_die()
+
+
+def _unless_started(started: threading.Event) -> None:
+    if not started.wait(SIGTERM_LOOP_WAIT):
+        logging.getLogger("hybrid_layer").warning(
+            "hybrid_layer: SIGTERM: the event loop did not run the close within %.0f s "
+            "(a task that never yields?); exiting without it",
+            SIGTERM_LOOP_WAIT,
+        )
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _close_then_die(started: threading.Event | None = None) -> None:
+    """The close runs in a thread and gets at most ``SIGTERM_CLOSE_WAIT`` s (then the
+    process dies without a clean close, as with SIGKILL, and the leader reclaims its
+    slot); then SIGTERM again, now with the default disposition."""
+    if started is not None:
+        started.set()
     closer = threading.Thread(target=_close_all_at_exit, name="hybrid-layer-sigterm", daemon=True)
     closer.start()
     closer.join(SIGTERM_CLOSE_WAIT)

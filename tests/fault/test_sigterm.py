@@ -178,3 +178,79 @@ def test_python_as_pid_1_still_exits(layer_config: dict[str, Any]) -> None:
         assert _ours(layer_config["prefix"]) == []
     finally:
         stop(p)
+
+
+BUSY = r"""
+import asyncio, json, os, sys
+from hybrid_layer import HybridChannelLayer
+from hybrid_layer.errors import ChannelFull
+
+config = json.loads(sys.argv[1])
+layer = HybridChannelLayer(**config)
+
+async def main():
+    me = await layer.new_channel()
+    await layer.group_add("g", me)
+    print("ready", os.getpid(), flush=True)
+    i = 0
+    while True:  # sends into its own inbox and takes them out: its ring locks all the time
+        n = 0
+        for _ in range(20):
+            try:
+                await layer.send(me, {"type": "x", "i": i, "b": b"y" * (i % 500)})
+                n += 1
+            except ChannelFull:
+                pass
+            await layer.group_send("g", {"type": "g"})
+            i += 1
+        while True:  # what is there (direct and group copies), then yield
+            try:
+                await asyncio.wait_for(layer.receive(me), 0.01)
+            except asyncio.TimeoutError:
+                break
+        await asyncio.sleep(0)
+
+asyncio.run(main())
+"""
+
+
+def test_sigterm_under_load_closes_at_once(layer_config: dict[str, Any]) -> None:
+    """The signal arrives while the main thread is inside send()/receive(), maybe holding
+    a lock the close needs: the close is run from the event loop's next callback, so the
+    process leaves within moments (not after the 8 s bound), dies of SIGTERM, and its
+    slot is free at once (nothing for the leader to reclaim)."""
+    import random
+
+    cfg = {**layer_config, "capacity": 1000}
+    rnd = random.Random(12)
+    keeper = subprocess.Popen(
+        [sys.executable, "-c", BUSY, json.dumps(cfg)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )
+    try:
+        assert keeper.stdout is not None and keeper.stdout.readline().startswith("ready")
+        for _ in range(6):
+            p = subprocess.Popen(
+                [sys.executable, "-c", BUSY, json.dumps(cfg)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env={**os.environ, "PYTHONPATH": os.getcwd()},
+            )
+            assert p.stdout is not None and p.stdout.readline().startswith("ready")
+            time.sleep(rnd.uniform(0.05, 0.5))
+            t0 = time.monotonic()
+            os.kill(p.pid, signal.SIGTERM)
+            _, err = p.communicate(timeout=15)
+            took = time.monotonic() - t0
+            assert p.returncode == -signal.SIGTERM, err
+            assert took < 3.0, (took, err)
+            assert "did not close" not in err and "exiting without" not in err, err
+    finally:
+        keeper.send_signal(signal.SIGTERM)
+        keeper.communicate(timeout=15)
+    assert keeper.returncode == -signal.SIGTERM
+    assert _ours(layer_config["prefix"]) == []  # the last one out removed every name

@@ -63,7 +63,7 @@ class RateLimited:
             site = self._sites.get(key)
             if site is not None and now - site.last < self.interval:
                 site.suppressed += n
-                site.args = args
+                site.msg, site.args = msg, args  # (one key may log more than one text)
                 self._pending = True
                 return
             if site is None:
@@ -79,29 +79,31 @@ class RateLimited:
         if not self._pending:
             return 0
         now = _monotonic()
-        out: list[tuple[_Site, int, float, tuple[object, ...]]] = []
+        out: list[tuple[_Site, int, float, str, tuple[object, ...]]] = []
         with self._lock:
             pending = False
             for site in self._sites.values():
                 if not site.suppressed:
                     continue
                 if force or now - site.last >= self.interval:
-                    out.append((site, site.suppressed, now - site.last, site.args))
+                    out.append((site, site.suppressed, now - site.last, site.msg, site.args))
                     site.suppressed = 0
                     site.last = now
                 else:
                     pending = True
             self._pending = pending
-        for site, n, span, args in out:
+        for site, n, span, msg, args in out:
+            try:
+                last = msg % args if args else msg
+            except (TypeError, ValueError):  # (never let a summary fail to be written)
+                last = f"{msg} {args!r}"
             self.logger.log(
                 site.level,
-                "hybrid_layer: %d more %s in the last %.0f s (last: "
-                + site.msg.removeprefix("hybrid_layer: ")
-                + ")",
+                "hybrid_layer: %d more %s in the last %.0f s (last: %s)",
                 n,
                 site.kind,
                 span,
-                *args,
+                last.removeprefix("hybrid_layer: "),
             )
         return len(out)
 

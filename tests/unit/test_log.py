@@ -111,3 +111,21 @@ def test_counters_drop_counts_every_reason_and_rejects_an_unknown_one() -> None:
     assert all(v == 2 for k, v in c.as_dict().items() if k.startswith("dropped_"))
     with pytest.raises(KeyError):
         c.drop("nonsense", 1, "x")
+
+
+def test_a_summary_of_one_key_with_two_texts_is_written_with_the_last(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Two log sites that share a key but not a text (and not the same arguments): the
+    summary says the last one, formatted, instead of failing to format."""
+    import logging
+
+    from hybrid_layer._log import RateLimited
+
+    rl = RateLimited(interval=60.0)
+    caplog.set_level(logging.WARNING, logger="hybrid_layer")
+    rl.warning("k", "hybrid_layer: first %d %r", 1, "a")
+    rl.warning("k", "hybrid_layer: second %s", "b")
+    assert rl.flush(force=True) == 1
+    texts = [r.getMessage() for r in caplog.records]
+    assert texts[-1] == "hybrid_layer: 1 more similar in the last 0 s (last: second b)", texts

@@ -118,6 +118,17 @@ class Node:
             )
         return p.stdout
 
+    def queues_cli(self, *args: str, timeout: float = 60) -> str:
+        """``rabbitmq-queues`` against this node (quorum queue membership)."""
+        p = subprocess.run(
+            [str(BIN / "rabbitmq-queues"), "-n", self.name, *args],
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        return p.stdout
+
     def start(self, wait: bool = True) -> None:
         pidfile = self.dir / "pid"
         pidfile.unlink(missing_ok=True)

@@ -104,30 +104,24 @@ class Node:
             "RABBITMQ_CONF_ENV_FILE": str(d / "rabbitmq-env.conf"),
         }
 
-    def ctl(self, *args: str, timeout: float = 60, check: bool = True) -> str:
+    def _cli(self, tool: str, *args: str, timeout: float, check: bool) -> str:
         p = subprocess.run(
-            [str(BIN / "rabbitmqctl"), "-n", self.name, *args],
+            [str(BIN / tool), "-n", self.name, *args],
             env=self.env(),
             capture_output=True,
             text=True,
             timeout=timeout,
         )
         if check and p.returncode != 0:
-            raise RuntimeError(
-                f"rabbitmqctl {' '.join(args)} on {self.name}: {p.stderr or p.stdout}"
-            )
+            raise RuntimeError(f"{tool} {' '.join(args)} on {self.name}: {p.stderr or p.stdout}")
         return p.stdout
+
+    def ctl(self, *args: str, timeout: float = 60, check: bool = True) -> str:
+        return self._cli("rabbitmqctl", *args, timeout=timeout, check=check)
 
     def queues_cli(self, *args: str, timeout: float = 60) -> str:
         """``rabbitmq-queues`` against this node (quorum queue membership)."""
-        p = subprocess.run(
-            [str(BIN / "rabbitmq-queues"), "-n", self.name, *args],
-            env=self.env(),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-        return p.stdout
+        return self._cli("rabbitmq-queues", *args, timeout=timeout, check=False)
 
     def start(self, wait: bool = True) -> None:
         pidfile = self.dir / "pid"

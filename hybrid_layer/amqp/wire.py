@@ -390,6 +390,35 @@ def _shortstr(s: str) -> bytes:
     return bytes((len(b),)) + b
 
 
+def _method_and_header(
+    exchange: str,
+    routing_key: str,
+    mandatory: bool,
+    size: int,
+    delivery_mode: int,
+    expiration: str,
+    message_id: str,
+) -> tuple[bytes, bytes]:
+    """The basic.publish method and the content header of a body of ``size`` bytes."""
+    method = b"".join(
+        (
+            _PUBLISH_METHOD.pack(60, 40, 0),
+            _shortstr(exchange),
+            _shortstr(routing_key),
+            b"\x01" if mandatory else b"\x00",
+        )
+    )
+    header = b"".join(
+        (
+            _HEADER_START.pack(60, 0, size, _PROPS),
+            bytes((delivery_mode,)),
+            _shortstr(expiration),
+            _shortstr(message_id),
+        )
+    )
+    return method, header
+
+
 def publish_frames(
     channel: int,
     exchange: str,
@@ -402,21 +431,8 @@ def publish_frames(
 ) -> bytes:
     """The wire bytes of a basic.publish of ``body`` in one body frame (the caller
     splits a body at or over the connection's frame size another way)."""
-    method = b"".join(
-        (
-            _PUBLISH_METHOD.pack(60, 40, 0),
-            _shortstr(exchange),
-            _shortstr(routing_key),
-            b"\x01" if mandatory else b"\x00",
-        )
-    )
-    header = b"".join(
-        (
-            _HEADER_START.pack(60, 0, len(body), _PROPS),
-            bytes((delivery_mode,)),
-            _shortstr(expiration),
-            _shortstr(message_id),
-        )
+    method, header = _method_and_header(
+        exchange, routing_key, mandatory, len(body), delivery_mode, expiration, message_id
     )
     return b"".join(
         (
@@ -451,21 +467,8 @@ def publish_frames_parts(
     if max_content < 1:
         raise ValueError(f"max_content must be positive, not {max_content}")
     size = sum(len(part) for part in body)
-    method = b"".join(
-        (
-            _PUBLISH_METHOD.pack(60, 40, 0),
-            _shortstr(exchange),
-            _shortstr(routing_key),
-            b"\x01" if mandatory else b"\x00",
-        )
-    )
-    header = b"".join(
-        (
-            _HEADER_START.pack(60, 0, size, _PROPS),
-            bytes((delivery_mode,)),
-            _shortstr(expiration),
-            _shortstr(message_id),
-        )
+    method, header = _method_and_header(
+        exchange, routing_key, mandatory, size, delivery_mode, expiration, message_id
     )
     out: list[bytes | memoryview] = [
         _FRAME_HEAD.pack(1, channel, len(method)),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import math
 from collections import OrderedDict
 from typing import Any
@@ -375,3 +376,79 @@ def _assert_contract(v: Any, depth: int) -> None:
             _assert_contract(x, depth + 1)
     else:
         assert type(v) in (str, bytes, int, float, bool, type(None))
+
+
+class _Str(enum.StrEnum):  # a str subclass msgspec encodes (as its value)
+    A = "a"
+    TYPE = "type"
+
+
+class _Int(enum.IntEnum):
+    ONE = 1
+
+
+def _nest_mixed(depth: int, leaf: Any, use_tuple: bool) -> Any:
+    v = leaf
+    for i in range(depth):
+        v = (v,) if use_tuple and i % 2 else [v]
+    return v
+
+
+_odd_scalars = st.one_of(
+    _scalars,
+    st.sampled_from(list(_Str)),
+    st.sampled_from(list(_Int)),
+    st.builds(lambda n: n, st.integers(2**63, U64_MAX)),
+)
+_odd = st.recursive(
+    _odd_scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3),
+        st.lists(inner, max_size=3).map(tuple),
+        st.dictionaries(
+            st.one_of(st.text(max_size=4), st.sampled_from(list(_Str))), inner, max_size=3
+        ),
+        st.dictionaries(st.text(max_size=2), inner, max_size=2).map(OrderedDict),
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    message=st.dictionaries(st.one_of(st.text(max_size=5), st.sampled_from(list(_Str))), _odd),
+    depth=st.integers(MAX_DEPTH - 3, MAX_DEPTH + 1),
+    use_tuple=st.booleans(),
+)
+def test_the_senders_walk_refuses_exactly_what_the_receiver_drops(
+    message: dict[Any, Any], depth: int, use_tuple: bool
+) -> None:
+    """encode_message checks a plain message by walking it, not by decoding what it
+    encoded: the walk must agree with the receiver's check for tuples, str and int
+    enums (keys and values), OrderedDicts, uint64 ints and nesting around MAX_DEPTH."""
+    message = {**message, "deep": _nest_mixed(depth, 1, use_tuple)}
+    raw = msgspec.msgpack.encode(message)
+    try:
+        got = decode_message(raw)
+    except MalformedMessage:
+        with pytest.raises(TypeError):
+            encode_message(message)
+        return
+    assert _same(decode_message(encode_message(message)), got)
+
+
+def test_a_plain_large_message_is_not_decoded_to_be_checked(monkeypatch: Any) -> None:
+    """A 5 MB bytes value: encode_message walks the dict (one encode, no decode: a
+    decode would copy the 5 MB once more on every send)."""
+    import hybrid_layer.envelope as env
+
+    calls: list[int] = []
+    real = env.decode_message
+    monkeypatch.setattr(env, "decode_message", lambda d: calls.append(1) or real(d))
+    msg = {"type": "big", "payload": b"x" * 5_000_000, "meta": {"n": [1, 2, (3, "a")]}}
+    data = env.encode_message(msg)
+    assert calls == []
+    assert real(data)["payload"] == msg["payload"]
+    # what the walk does not know is still checked by the receiver's own code
+    env.encode_message({"type": _Str.A, "v": 1})
+    assert calls == [1]

@@ -143,6 +143,7 @@ def task_resume() -> dict[str, float]:
 AMQP_URL = os.environ.get("HYBRID_BENCH_AMQP", "amqp://guest:guest@127.0.0.1:5672/")
 AMQP_N = 3000
 AMQP_WARMUP = 200
+AMQP_SIZE = 100  # body bytes of the aiormq floors (--size)
 
 
 async def _amqp_side(me: str, peer: str, initiator: bool, threaded: bool) -> list[float]:
@@ -206,13 +207,16 @@ async def _amqp_side(me: str, peer: str, initiator: bool, threaded: bool) -> lis
 
     await asyncio.sleep(0.5)  # the peer's queue
     lat = []
-    body = b"x" * 100
-    for i in range(AMQP_N + AMQP_WARMUP):
+    body = b"x" * AMQP_SIZE
+    # a large body: fewer round trips (about as many bytes as 3 000 of 100 kB)
+    n = max(200, min(AMQP_N, 300_000_000 // max(AMQP_SIZE, 1)))
+    warmup = min(AMQP_WARMUP, n // 10)
+    for i in range(n + warmup):
         if initiator:
             t = time.perf_counter()
             publish(body)
             await asyncio.wait_for(got.get(), 10)  # a dead peer: fail, not hang
-            if i >= AMQP_WARMUP:
+            if i >= warmup:
                 lat.append(time.perf_counter() - t)
         else:
             await asyncio.wait_for(got.get(), 10)
@@ -260,11 +264,23 @@ def _broker_reachable() -> bool:
         return False
 
 
+def _size(text: str) -> int:
+    t = text.strip().upper()
+    for unit, mult in (("MB", 1_000_000), ("KB", 1_000), ("B", 1)):
+        if t.endswith(unit):
+            return int(float(t[: -len(unit)]) * mult)
+    return int(t)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="one JSON object per floor")
     ap.add_argument("--only", default="", help="comma-separated floors to run (default all)")
+    ap.add_argument("--size", default="100B",
+                    help="body of the aiormq floors: 100B, 1MB, 5MB, ... (default 100B)")
     args = ap.parse_args()
+    global AMQP_SIZE
+    AMQP_SIZE = _size(args.size)
     floors = [
         ("pipe_blocking", pipe_blocking),
         ("pipe_asyncio", pipe_asyncio),
@@ -282,6 +298,8 @@ def main() -> None:
             print(f"{name}: left out, no RabbitMQ at {AMQP_URL.rsplit('@', 1)[-1]}")
             continue
         r = fn()
+        if name.startswith("aiormq"):
+            r = {"size": AMQP_SIZE, **r}
         if args.json:
             print(json.dumps({"floor": name, **r}))
         else:

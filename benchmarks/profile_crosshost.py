@@ -160,12 +160,13 @@ def ping_main(prefix, conn, seconds, instr):
         peer = conn.recv()
         conn.recv()  # go
         lat = []
+        payload = b"x" * int(os.environ.get("XPROF_SIZE", "100"))
         end = time.monotonic() + seconds
         i = 0
         while time.monotonic() < end:
             t = mono()
             stamps.setdefault("ping_send", []).append(t)
-            await layer.send(peer, {"type": "ping", "seq": i, "payload": "x" * 100})
+            await layer.send(peer, {"type": "ping", "seq": i, "payload": payload})
             await layer.receive(ch)
             t2 = mono()
             stamps.setdefault("ping_recv", []).append(t2)
@@ -204,7 +205,7 @@ def q(v, p):
 
 
 def latency(seconds: float) -> None:
-    instr = not os.environ.get("PYSPY")
+    instr = not (os.environ.get("PYSPY") or os.environ.get("XPROF_PLAIN"))
     prefix = f"xp{os.getpid()}"
     ctx = mp.get_context("spawn")
     a, a2 = ctx.Pipe()

@@ -214,10 +214,6 @@ class Confirms(LinkState):
                 self.ch.write_queue.put_nowait(frame)
         self.retry.pop(rk, None)
 
-    def _next_seq(self) -> int:
-        self.seq += 1
-        return self.seq
-
     def _diagnose_nack(self, pub: Pub) -> None:
         """Say why RabbitMQ rejected messages: look at the queue (a passive declare, at
         most once a second per queue) - full, or not full and so failing (its node

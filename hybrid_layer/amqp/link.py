@@ -3,7 +3,8 @@
 What it does, all on the host thread's event loop:
 
 * connects (URLs tried in turn, backoff with jitter, for ever), declares the groups
-  exchange and the host's exclusive queue ``<prefix>.<host_id>`` and consumes it;
+  exchange and the host's queue ``<prefix>.<host_id>`` (it outlives connections and
+  leaders: ``topology``) and consumes it;
 * keeps the queue's bindings equal to the groups that have a member on this host, and a
   consumer on the shared queue of every normal channel read on this host (both read
   from the tagged hashes every participant publishes in shared memory);

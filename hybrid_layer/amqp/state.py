@@ -11,10 +11,11 @@ Also here: ``Pub``, one AMQP message published or about to be (the publisher mak
 it, confirms/retries keep it until the broker confirms it, a new connection publishes
 it again), and the ``Out`` tuple of the outbound queue.
 
-Threads: everything is touched on the host thread's event loop, except ``out``,
-``out_bytes``, ``busy`` and ``_kicked`` (``submit``/``kick`` from any thread, relying on
-the GIL and deque's atomic append/popleft) and ``closing``. Nothing here runs per
-message: it is construction, and declarations.
+Threads: everything is touched on the host thread's event loop, except what
+``submit`` and ``kick`` touch from any thread (a sender in the leader process):
+``out`` (a deque: atomic append/popleft), ``out_bytes``, ``busy``, ``_kicked`` and
+``closing``; senders also read ``full`` and ``busy`` (``Participant.hand_off``).
+Nothing here runs per message: it is construction, and declarations.
 """
 
 from __future__ import annotations

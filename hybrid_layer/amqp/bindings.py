@@ -79,7 +79,6 @@ class Bindings(LinkState):
                     await tmp.close()
         self.declared[h] = time.monotonic()
 
-    # ---------------------------------------------------------------- bindings
     async def _syncer(self) -> None:
         while True:
             await self._sync_wanted.wait()

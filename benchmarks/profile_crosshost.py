@@ -43,6 +43,7 @@ OUT = os.environ.get("XPROF_OUT", "/tmp/xprof/out")
 
 def instrument(stamps: dict[str, list[int]]) -> None:
     from hybrid_layer.amqp import link as L
+    from hybrid_layer.amqp import publisher as P  # (where _emit calls _publish_frame)
 
     def wrap_sync(cls, name, key):
         orig = getattr(cls, name)
@@ -74,14 +75,14 @@ def instrument(stamps: dict[str, list[int]]) -> None:
         return await orig_bp(self, *a, **k)
 
     AC.Channel.basic_publish = bp  # only where the link falls back to it
-    orig_pf = L._publish_frame
+    orig_pf = P._publish_frame
 
     def pf(*a, **k):
         r = orig_pf(*a, **k)
         stamps.setdefault("frame_queued", []).append(mono())
         return r
 
-    L._publish_frame = pf
+    P._publish_frame = pf
     from hybrid_layer.participant import Participant
 
     wrap_sync(Participant, "deliver_direct", "deliver_direct")

@@ -1021,6 +1021,8 @@ class Participant:
                 "no_channel", 1, "hybrid_layer: copy for %r dropped: no reader", name
             )
 
+    count_forward_failure = _count_forward_failure  # (LinkHost's name; see amqp/host.py)
+
     def _fan_out(self, rec: Any, pos: int, loop: asyncio.AbstractEventLoop | None) -> None:
         group = rec.name
         c = self.counters

@@ -121,7 +121,7 @@ def delete_queues(url: str, names: list[str]) -> None:
 
 
 def normal_queue_name(prefix: str, channel: str) -> str:
-    from hybrid_layer.amqp.link import normal_queue
+    from hybrid_layer.amqp.topology import normal_queue
     from hybrid_layer.shm.groupset import name_hash
 
     return normal_queue(prefix, name_hash("n", channel))

@@ -371,7 +371,7 @@ def test_malformed_messages_on_the_host_queue_are_dropped_and_counted(
     hosts: HostsFactory, broker_url: str, broker_config: dict[str, Any]
 ) -> None:
     from hybrid_layer.amqp import wire
-    from hybrid_layer.amqp.link import host_queue
+    from hybrid_layer.amqp.topology import host_queue
     from hybrid_layer.envelope import encode_message
 
     (a,) = hosts({"ha": 1})["ha"]

@@ -20,14 +20,14 @@ KEYS = {"symmetric_encryption_keys": ["k-new", "k-old"]}
 
 
 def gkey(prefix: str, group: str) -> str:
-    from hybrid_layer.amqp.link import group_key
+    from hybrid_layer.amqp.topology import group_key
     from hybrid_layer.shm.groupset import name_hash
 
     return group_key(prefix, name_hash("g", group))
 
 
 def hq(prefix: str, host_id: str) -> str:
-    from hybrid_layer.amqp.link import host_queue
+    from hybrid_layer.amqp.topology import host_queue
 
     return host_queue(prefix, host_id)
 

@@ -1,4 +1,4 @@
-"""Why a link is not up, in words an operator can act on (``link._explain``)."""
+"""Why a link is not up, in words an operator can act on (``amqp.explain._explain``)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import ssl
 from types import SimpleNamespace
 
 import aiormq
+import pytest
 
-from hybrid_layer.amqp.link import _explain, _tls_error
+from hybrid_layer.amqp.explain import _explain, _safe, _tls_error
 from hybrid_layer.shm import layout as L
 
 CFG = SimpleNamespace(connect_timeout=5.0)
@@ -44,3 +45,15 @@ def test_unreachable_and_other_errors() -> None:
     reason, text = _explain(ConnectionRefusedError(111, "Connection refused"), CFG)
     assert reason == L.REASON_UNREACHABLE and text == "Connection refused"
     assert _tls_error(ValueError("plain")) is None
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("amqp://guest:secret@127.0.0.1:5672/", "amqp://guest@127.0.0.1:5672/"),
+        ("amqps://u:p@w@host/v", "amqps://u@host/v"),
+        ("amqp://host/", "amqp://host/"),
+    ],
+)
+def test_passwords_never_logged(url: str, shown: str) -> None:
+    assert _safe(url) == shown

@@ -12,7 +12,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hybrid_layer.amqp import wire
-from hybrid_layer.amqp.link import _safe, group_key, host_queue, normal_queue
 
 names = st.text(min_size=1, max_size=120)
 payloads = st.binary(max_size=4096)
@@ -289,24 +288,6 @@ def test_fuzz_a_damaged_frame_never_costs_its_neighbours(
             assert o.items[i] == wire.decode(f)
 
 
-def test_broker_names() -> None:
-    assert host_queue("asgi", "h1") == "asgi.h1"
-    assert group_key("asgi", 0xAB) == "asgi.g.00000000000000ab"
-    assert normal_queue("asgi", 0xCD) == "asgi.n.00000000000000cd"
-
-
-@pytest.mark.parametrize(
-    ("url", "shown"),
-    [
-        ("amqp://guest:secret@127.0.0.1:5672/", "amqp://guest@127.0.0.1:5672/"),
-        ("amqps://u:p@w@host/v", "amqps://u@host/v"),
-        ("amqp://host/", "amqp://host/"),
-    ],
-)
-def test_passwords_never_logged(url: str, shown: str) -> None:
-    assert _safe(url) == shown
-
-
 # ---------------------------------------------------------------------------- batches
 @settings(max_examples=150, deadline=None)
 @given(
@@ -504,7 +485,7 @@ def test_sealing_parts_is_sealing_the_joined_frame() -> None:
 
 
 class _Channel:
-    """The two members of an aiormq channel that ``link._join_content`` relies on."""
+    """The two members of an aiormq channel that ``aiormq_shortcuts._join_content`` relies on."""
 
     def __init__(self, frames: list[object]) -> None:
         self.frames = list(frames)
@@ -523,7 +504,7 @@ def test_a_delivered_body_is_joined_once_from_its_frames() -> None:
     from pamqp.body import ContentBody
     from pamqp.header import ContentHeader
 
-    from hybrid_layer.amqp.link import _join_content
+    from hybrid_layer.amqp.aiormq_shortcuts import _join_content
 
     deliver = spec.Basic.Deliver(consumer_tag="t", delivery_tag=1, routing_key="q")
     chunks = [b"a" * 10, b"b" * 10, b"c" * 3]

@@ -131,6 +131,8 @@ class Confirms(LinkState):
         self.retry_count += pub.n
         if rk not in self.probing:
             self._schedule_probe(rk)
+        else:
+            self.expire_kept_soon(rk, time.monotonic())
 
     def _drop_unroutable(self, pub: Pub) -> None:
         if pub.nacked:
@@ -180,6 +182,7 @@ class Confirms(LinkState):
             self.retry.pop(rk, None)
             return
         if rk in self.probing:
+            self.expire_kept_soon(rk, now)
             return
         if not self._can_emit() or (self._fast_publish and self.ch.write_queue.full()):
             self._schedule_probe(rk, RETRY_MIN)  # (the link is back in a moment)
@@ -191,11 +194,23 @@ class Confirms(LinkState):
         frame = self._emit(pub)
         if frame is not None:
             self.ch.write_queue.put_nowait(frame)
+        self.expire_kept_soon(rk, now)
+
+    def expire_kept_soon(self, rk: str, now: float) -> None:
+        """While the probe for queue ``rk`` is out, the messages kept behind it are not
+        tried, but they still expire on time and are counted: a check at the oldest
+        one's deadline (at most ``RETRY_MAX`` away). A probe may go unanswered for long:
+        a quorum queue left without a leader, a stalled connection."""
+        q = self.retry.get(rk)
+        if q and rk not in self.retry_timer:
+            self._schedule_probe(rk, min(RETRY_MAX, max(RETRY_MIN, q[0].until - now)))
 
     def _release(self, rk: str) -> None:
         """Queue ``rk`` exists: publish what waited for it, in order; newer messages
         keep queueing behind until it is all out."""
-        self.retry_timer.pop(rk, None)
+        timer = self.retry_timer.pop(rk, None)
+        if timer is not None:  # (a deadline check scheduled while the probe was out)
+            timer.cancel()
         q = self.retry.get(rk)
         c = self.p.counters
         now = time.monotonic()

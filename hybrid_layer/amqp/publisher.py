@@ -321,6 +321,7 @@ class Publisher(LinkState):
         if waiting is not None:  # behind messages waiting for this queue (FIFO)
             waiting.append(pub)
             self.retry_count += pub.n
+            self.expire_kept_soon(dest[1], now_mono)
             return None
         return self._emit(pub)
 

@@ -403,3 +403,28 @@ def test_malformed_messages_on_the_host_queue_are_dropped_and_counted(
     b.call("send", ca, {"type": "after"})
     assert a.call("receive", ca, 5) == {"type": "after"}
     assert link(a)["link"] == "up" and link(a)["reconnects"] == 0
+
+
+def test_kept_messages_expire_on_time_while_their_probe_is_unanswered(
+    proxy: Proxy, hosts: HostsFactory
+) -> None:
+    """Messages kept for a queue the broker returns them from are tried one at a time
+    (a probe). A probe can go unanswered for long (a quorum queue left without a leader
+    after its node's SIGKILL, a stalled connection): what is kept behind it must still
+    expire at its deadline and be counted, not wait for the answer or for close."""
+    (a,) = hosts({"ha": 1})["ha"]
+    (b,) = hosts({"hb": 1}, host=proxy.url, expiry=2, heartbeat=60)["hb"]
+    ghost = a.call("new_channel", "x.").replace(".ha.", ".nohost.")  # no such host queue
+    b.call("send", ghost, {"type": "first"})
+    assert wait_until(lambda: b.call("stats").broker["retried"] >= 1, 5)
+    proxy.stall()  # the link stays up (heartbeat 60 s); the next probe goes unanswered
+    try:
+        time.sleep(1.2)  # (the probes back off to 1 s: one is out now)
+        for i in range(5):
+            b.call("send", ghost, {"type": "kept", "i": i})
+        # they expire 2 s after their send: counted within a moment of it
+        assert wait_until(lambda: b.call("stats").dropped["no_channel"] >= 5, 4), b.call(
+            "stats"
+        )
+    finally:
+        proxy.resume()

@@ -423,8 +423,6 @@ def test_kept_messages_expire_on_time_while_their_probe_is_unanswered(
         for i in range(5):
             b.call("send", ghost, {"type": "kept", "i": i})
         # they expire 2 s after their send: counted within a moment of it
-        assert wait_until(lambda: b.call("stats").dropped["no_channel"] >= 5, 4), b.call(
-            "stats"
-        )
+        assert wait_until(lambda: b.call("stats").dropped["no_channel"] >= 5, 4), b.call("stats")
     finally:
         proxy.resume()

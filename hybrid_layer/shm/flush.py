@@ -2,15 +2,16 @@
 
 A flusher takes ``FLUSH_LOCK``, stores in every live slot the ring's current tail as
 its flush position (``Q_FLUSH_UPTO``), then bumps the registry's flush epoch and its
-check word, and rings each owner's rescue bell. Each owner's host thread sees the new
-epoch, discards records before its flush position and what it had queued locally from
-before it, and acknowledges (``ack_flush``); the flusher waits for the live slots that
-have not (``flush_unacked``). ``flush_epoch_checked`` tells a corrupted epoch word
-from a real flush by its check word, and repairs it.
+check word, and rings each owner's rescue bell. Each owner (its drain or its host
+thread) sees the new epoch, discards records before its flush position and what it had
+queued locally from before it, and acknowledges (``ack_flush``); the flusher waits for
+the live slots that have not (``flush_unacked``). ``flush_epoch_checked`` tells a
+corrupted epoch word from a real flush by its check word, and repairs it.
 
 Owns the registry's flush words and each slot's ``Q_FLUSH_UPTO``/``Q_FLUSH_ACK``.
 Invariants: the epoch is stored before its check word, both under ``FLUSH_LOCK``; only
-the owner moves ``head``. Not per message: the host thread polls the epoch each tick.
+the owner moves ``head``. Per drain, not per message: a drain compares the epoch word
+(read directly) and calls ``flush_upto`` once per batch.
 """
 
 from __future__ import annotations

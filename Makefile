@@ -1,6 +1,7 @@
 # Quick start:  make demo   (single-host demo, nothing else to install or start)
 #               make test   (the whole test suite; needs RabbitMQ at 127.0.0.1:5672, see
 #                            README; .ci/run installs and starts what it needs)
+#               make lint   (ruff and mypy --strict; .ci/run runs it before the tests)
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -62,9 +63,12 @@ bench: $(STAMP)
 peers: $(STAMP)
 	$(BIN)/python tests/peers/run_peer_suites.py $(PEERS_ARGS)
 
+# ruff (lint and format) and mypy --strict (pyproject's [tool.mypy]; posix_ipc's types
+# come from stubs/, see README "Where stubs/ comes from")
 lint: $(STAMP)
 	$(BIN)/ruff check hybrid_layer tests benchmarks
 	$(BIN)/ruff format --check hybrid_layer
+	$(BIN)/mypy hybrid_layer
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -5,7 +5,7 @@ from __future__ import annotations
 from django.apps import AppConfig
 
 
-class HybridLayerConfig(AppConfig):
+class HybridLayerConfig(AppConfig):  # type: ignore[misc]  # (django is untyped)
     name = "hybrid_layer"
     verbose_name = "hybrid_layer channel layer"
 

@@ -24,7 +24,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 async def close_all_layers() -> None:
     """Close every ``HybridChannelLayer`` attached in this process."""
-    from .layer import _layers
+    from .shutdown import _layers
 
     for layer in list(_layers):
         await layer.close()

@@ -2,6 +2,11 @@
 
 Every problem is a ``ValueError`` raised at construction that names the key, so a typo
 in ``CHANNEL_LAYERS`` fails at startup rather than at the first message.
+
+One module on purpose, though over 400 lines: it is one table of keys - each key's
+default, check and error text side by side, with the two probes of the host its
+defaults need (``default_host_id``, ``shm_dir_problem``) - and split, one key's rules
+would be spread over several files.
 """
 
 from __future__ import annotations

@@ -14,6 +14,10 @@ layer's statistics, and that the last process out removed the shared memory.
 
 Exit status 0 if every check passed, 1 if one failed, 2 if the demo broke or timed out.
 Options: ``--prefix`` (the layer's ``CONFIG['prefix']``, default ``demo``), ``--pings``.
+
+One module on purpose, though over 400 lines: it is a script to be read top to bottom
+next to what it prints - the workers, the producer and the director that tells the
+story - and uses only the layer's public API; nothing else imports it.
 """
 
 from __future__ import annotations

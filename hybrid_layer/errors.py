@@ -22,11 +22,11 @@ class HybridLayerError(Exception):
     """Base of every error this package raises on its own account."""
 
 
-class ChannelFull(HybridLayerError, _ChannelsChannelFull):
+class ChannelFull(HybridLayerError, _ChannelsChannelFull):  # type: ignore[misc]  # (untyped)
     """The destination channel holds ``capacity`` messages, or its reader's inbox is full."""
 
 
-class MessageTooLarge(HybridLayerError, _ChannelsMessageTooLarge):
+class MessageTooLarge(HybridLayerError, _ChannelsMessageTooLarge):  # type: ignore[misc]  # (untyped)
     """The encoded message is larger than ``max_message_bytes``."""
 
 

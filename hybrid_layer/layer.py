@@ -4,15 +4,19 @@ One :class:`HybridChannelLayer` object is one participant of its host namespace,
 lazily on first use in each process (so an object created before ``fork()`` - gunicorn
 ``--preload`` - works in every child). ``send`` never waits on anything but a full inbox;
 ``receive`` sleeps on a file-descriptor doorbell in whatever event loop calls it.
+
+This module is the API surface and its hot paths (``send``, ``receive``, the groups,
+``flush``, ``close``): it validates and encodes, then hands to the process's
+``Participant``. The statistics it reports are assembled in ``reporting``; leaving the
+namespace at exit, on SIGTERM and when a layer is garbage-collected is ``shutdown``'s
+job. The fork hook stays here: ``_p()`` compares ``_fork_gen`` on every call.
 """
 
 from __future__ import annotations
 
 import asyncio
-import atexit
 import logging
 import os
-import signal
 import threading
 import time
 import weakref
@@ -21,33 +25,18 @@ from typing import Any, ClassVar
 import msgspec
 from channels.layers import BaseChannelLayer
 
+from . import reporting
 from .config import LayerConfig, parse_config, shm_dir_problem
 from .envelope import decode_message, encode_message
 from .errors import ChannelFull, ChannelNotOwned, MessageTooLarge
-from .names import parse
 from .participant import LINK_CLOSE_WAIT, Item, Participant
-from .shm import layout as L
-from .shm.groupset import name_hash
-from .shm.layout import Q_HEAD, Q_TAIL, STATS_FIELDS
+from .shm.layout import Q_HEAD, Q_TAIL
 from .shm.registry import FULL_RING, LINK_DOWN, NO_CHANNEL, OK
-from .stats import (
-    ChannelStatistics,
-    Statistics,
-    broker_counts,
-    bucket_pending,
-    integrity_counts,
-    split,
-)
+from .shutdown import _install_sigterm_handler, _layers, _release_collected
+from .stats import ChannelStatistics, Statistics
 
 _monotonic = time.monotonic
 _perf = time.perf_counter
-LINK_NAMES = {
-    L.LINK_NONE: "none",
-    L.LINK_DOWN: "down",
-    L.LINK_UP: "up",
-    L.LINK_CONNECTING: "connecting",
-}
-_layers: weakref.WeakSet[HybridChannelLayer] = weakref.WeakSet()
 #: bumped in every forked child: a participant belongs to the process that attached it
 #: (cheaper than comparing os.getpid() on every call)
 _fork_gen = 0
@@ -61,9 +50,6 @@ SPIN_MISSES_MAX = 8
 SPIN_BACKOFF = 64
 #: how long ``flush`` waits for every live process to apply it
 FLUSH_WAIT = 2.0
-#: how long the SIGTERM handler waits for the layers to close before the process dies
-#: anyway (below docker's default stop timeout of 10 s; systemd's is 90 s)
-SIGTERM_CLOSE_WAIT = 8.0
 
 
 class HybridChannelLayer(BaseChannelLayer):  # type: ignore[misc]
@@ -329,58 +315,7 @@ class HybridChannelLayer(BaseChannelLayer):  # type: ignore[misc]
     # ------------------------------------------------------------------ statistics
     def statistics(self) -> Statistics:
         """This process's counters and its view of the host."""
-        p = self._p()
-        raised, dropped = split(p.counters.as_dict())
-        ring = p.own.ring
-        ld = p.ns.leader()
-        c = p.counters
-        return Statistics(
-            sent=c.sent,
-            received=c.received,
-            group_sends=c.group_sends,
-            group_copies=c.group_copies,
-            raised=raised,
-            dropped=dropped,
-            pending=p.pending(),
-            ring_used_bytes=ring.used(),
-            ring_size_bytes=ring.size,
-            participants=len(p.ns.live_slots()),
-            leader_pid=ld.pid,
-            leader_epoch=ld.epoch,
-            is_leader=p.ns.is_leader,
-            pid=os.getpid(),
-            slot=p.slot,
-            extra={
-                "groups": len(p.groups),
-                "normal_readers": len(p.readers),
-                "parked": sum(len(q) for q in p.parked.values()),
-                # sends whose wake-up was not written: the bell was not a FIFO of ours
-                "doorbells_refused": p.ns.doorbells_refused(),
-                **integrity_counts(p.counters.as_dict()),
-            },
-            broker=self._broker_info(p, p.counters.as_dict()),
-        )
-
-    def _broker_info(self, p: Participant, counts: dict[str, int]) -> dict[str, Any]:
-        """The leader's link as this process sees it (plus details if it leads)."""
-        if not self.config.broker:
-            return {}
-        state, syncs, changes = p.ns.link_state()
-        info: dict[str, Any] = {
-            "link": LINK_NAMES.get(state, "none"),
-            "link_changes": changes,
-            "binding_syncs": syncs,
-            # why it is not up ("" while up); the leader's own entry says more
-            "reason": L.REASONS.get(p.ns.link_get(L.LQ_REASON, p.ns.leader().slot), "")
-            if state != L.LINK_UP
-            else "",
-            "last_sync": p.ns.link_get(L.LQ_SYNC_AT, p.ns.leader().slot) / 1000.0,
-            **broker_counts(counts),
-        }
-        link = p.link
-        if link is not None:
-            info.update(link.info())
-        return info
+        return reporting.process_statistics(self._p(), self.config)
 
     def global_statistics(self) -> Statistics:
         """Counters summed over every live participant of the host (mirrored ~1/s).
@@ -394,61 +329,12 @@ class HybridChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         once fanned out) and cross-host messages the leader holds (``broker``'s
         ``outbound``, ``in_flight``, ``held``); ``ring_used_bytes`` shows the former.
         """
-        p = self._p()
-        p.ns.publish_stats(p.counters.values())
-        totals = dict.fromkeys(STATS_FIELDS, 0)
-        live = p.ns.live_slots()
-        ring_used = 0
-        pending = 0
-        for i in live:
-            for k, v in zip(STATS_FIELDS, p.ns.slot_stats(i), strict=True):
-                totals[k] += v
-            sv = p.ns.slot(i)
-            if sv is not None:
-                ring_used += sv.ring.used()
-                pending += bucket_pending(sv.bk)
-        raised, dropped = split(totals)
-        ld = p.ns.leader()
-        return Statistics(
-            sent=totals["sent"],
-            received=totals["received"],
-            group_sends=totals["group_sends"],
-            group_copies=totals["group_copies"],
-            raised=raised,
-            dropped=dropped,
-            pending=pending,
-            ring_used_bytes=ring_used,
-            ring_size_bytes=p.own.ring.size * len(live),
-            participants=len(live),
-            leader_pid=ld.pid,
-            leader_epoch=ld.epoch,
-            is_leader=p.ns.is_leader,
-            pid=os.getpid(),
-            slot=p.slot,
-            extra=integrity_counts(totals),
-            broker=self._broker_info(p, totals),
-        )
+        return reporting.host_statistics(self._p(), self.config)
 
     def channel_statistics(self, channel: str) -> ChannelStatistics:
         """Messages waiting on ``channel`` (its reader's capacity counters) and capacity."""
         self.require_valid_channel_name(channel)
-        p = self._p()
-        cap = self.config.capacity_for(channel)
-        if "!" in channel:
-            addr = parse(channel)
-            if addr is None or addr.host_id != self.config.host_id or addr.bucket >= p.K:
-                return ChannelStatistics(channel, 0, cap, False)
-            sv = p.ns.slot(addr.slot)
-            pending = sv.pending(addr.bucket) if sv is not None and sv.gen == addr.gen else 0
-            return ChannelStatistics(channel, pending, cap, True)
-        # a normal channel's messages wait with its readers and, parked, with the leader
-        bucket = p.normal_bucket(channel)
-        holders = {sv.index: sv for sv in p.ns.slots_with(name_hash("n", channel))}
-        leader = p.ns.slot(p.ns.leader().slot) if p.ns.leader().slot >= 0 else None
-        if leader is not None:
-            holders[leader.index] = leader
-        pending = sum(sv.pending(bucket) for sv in holders.values())
-        return ChannelStatistics(channel, pending, cap, True)
+        return reporting.channel_statistics(self._p(), self.config, channel)
 
     def __repr__(self) -> str:
         return f"<HybridChannelLayer {self.config.namespace}>"
@@ -461,121 +347,4 @@ def _after_fork_in_child() -> None:
         layer._after_fork_in_child()
 
 
-def _release_collected(p: Participant) -> None:
-    """A layer object was garbage-collected while attached: leave the namespace.
-
-    Collection can happen in any thread, the host thread and a running event loop's
-    included, so the close (which may wait for the link to publish what is queued)
-    runs on a thread of its own; at interpreter exit it runs here.
-    """
-    if p.closed or p.pid != os.getpid():
-        return
-    try:
-        threading.Thread(target=_close_quietly, args=(p,), name="hybrid-layer-release").start()
-    except RuntimeError:  # interpreter shutting down: no new threads
-        _close_quietly(p)
-
-
-def _close_quietly(p: Participant) -> None:
-    try:
-        p.close()
-    except Exception:  # pragma: no cover - best effort
-        logging.getLogger("hybrid_layer").exception("hybrid_layer: releasing a layer failed")
-
-
-def _close_all_at_exit() -> None:
-    """Servers rarely call ``close()``: leave the namespace cleanly at interpreter exit,
-    so the last process out still removes the shared-memory names."""
-    for layer in list(_layers):
-        try:
-            layer.close_sync()
-        except Exception:  # pragma: no cover - best effort at exit
-            logging.getLogger("hybrid_layer").exception("hybrid_layer: close at exit failed")
-
-
-_sigterm_installed = False
-
-
-def _install_sigterm_handler() -> None:
-    """Close the layers on SIGTERM (systemd's and docker's stop signal), where that is
-    safe: only from the main thread, and only while SIGTERM has its default disposition
-    - a handler someone else installed (uvicorn, gunicorn, the application) is never
-    replaced; there the server's own shutdown (the ASGI lifespan wrapper of
-    ``hybrid_layer.asgi``) closes. Installed once per process; a handler installed
-    later by anyone simply replaces it."""
-    global _sigterm_installed
-    if _sigterm_installed or threading.current_thread() is not threading.main_thread():
-        return
-    try:
-        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-            return
-        signal.signal(signal.SIGTERM, _on_sigterm)
-    except (ValueError, OSError):  # (not the main interpreter, no signals here)
-        return
-    _sigterm_installed = True
-
-
-#: how long a SIGTERM waits for the main thread's event loop to run the close
-SIGTERM_LOOP_WAIT = 1.0
-
-
-def _on_sigterm(signum: int, frame: object) -> None:
-    """Leave the namespace (the last process out removes the names, another frees its
-    slot at once), then die of SIGTERM as if there had been no handler: same exit
-    status, same meaning for the supervisor. A second SIGTERM ends it at once.
-
-    A signal handler runs in the main thread between two bytecodes: maybe in the middle
-    of a ``send`` holding one of the layer's locks, which the close needs. When the main
-    thread runs an event loop (``runworker``, a consumer), the close is therefore done
-    from that loop's next callback, where no layer code is half-way through; otherwise
-    (the main thread blocked in ``async_to_sync``, a sleep) at once.
-    """
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    loop = asyncio._get_running_loop()
-    if loop is not None and not loop.is_closed():
-        started = threading.Event()
-        try:
-            loop.call_soon_threadsafe(_close_then_die, started)
-        except RuntimeError:  # (closing under us: do it here)
-            pass
-        else:
-            # a loop whose tasks never yield would never run it: then die within a
-            # second without a clean close (as with SIGKILL: the leader reclaims the slot)
-            threading.Thread(target=_unless_started, args=(started,), daemon=True).start()
-            return
-    _close_then_die()
-
-
-def _unless_started(started: threading.Event) -> None:
-    if not started.wait(SIGTERM_LOOP_WAIT):
-        logging.getLogger("hybrid_layer").warning(
-            "hybrid_layer: SIGTERM: the event loop did not run the close within %.0f s "
-            "(a task that never yields?); exiting without it",
-            SIGTERM_LOOP_WAIT,
-        )
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
-def _close_then_die(started: threading.Event | None = None) -> None:
-    """The close runs in a thread and gets at most ``SIGTERM_CLOSE_WAIT`` s (then the
-    process dies without a clean close, as with SIGKILL, and the leader reclaims its
-    slot); then SIGTERM again, now with the default disposition."""
-    if started is not None:
-        started.set()
-    closer = threading.Thread(target=_close_all_at_exit, name="hybrid-layer-sigterm", daemon=True)
-    closer.start()
-    closer.join(SIGTERM_CLOSE_WAIT)
-    if closer.is_alive():
-        logging.getLogger("hybrid_layer").warning(
-            "hybrid_layer: SIGTERM: the layers did not close within %.0f s; exiting anyway",
-            SIGTERM_CLOSE_WAIT,
-        )
-    signal.raise_signal(signal.SIGTERM)
-    # still here: the default disposition ignores SIGTERM, which the kernel does for a
-    # namespace's init - python as PID 1 in a container without --init. Exit as a
-    # SIGTERM'd process would (a closed layer must not go on serving)
-    os._exit(128 + signal.SIGTERM)
-
-
 os.register_at_fork(after_in_child=_after_fork_in_child)
-atexit.register(_close_all_at_exit)

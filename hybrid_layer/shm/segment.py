@@ -7,6 +7,7 @@ import errno
 import logging
 import mmap
 import os
+from typing import Literal
 
 import posix_ipc
 
@@ -66,7 +67,7 @@ class Segment:
         self._views.append(v)
         return v
 
-    def cast(self, view: memoryview, fmt: str) -> memoryview:
+    def cast(self, view: memoryview, fmt: Literal["Q", "I", "i"]) -> memoryview:
         """A typed view (``"Q"``, ``"I"``, ``"i"``) that :meth:`close` releases."""
         v = view.cast(fmt)
         self._views.append(v)

@@ -20,9 +20,10 @@ Who guards what (the lock is the participant's, shared by every part):
   owner's capacity counters (``own.bk`` odd words: ``deq``), ``early_out``;
 - ``read_lock``: makes the owner the single consumer of its ring across threads and
   event loops (``drain``, a flush's ack, a bucket resync);
-- the route caches (``_local_dest``, ``_capacity_cache``, ``rr``) are read and written
-  without a lock: each entry follows from the name alone, a lost update only costs a
-  recomputation.
+- the route caches (``_local_dest``, ``_capacity_cache``) and the round-robin cursors
+  (``rr``) are read and written without a lock: a cache entry follows from the name
+  alone (a lost update costs a recomputation), a lost cursor update skews the round
+  robin by one.
 
 An :class:`Item` is one message in a local queue: the record's body (name bytes then
 message bytes) with where it came from in the ring (flush bookkeeping) and the capacity

@@ -7,7 +7,7 @@ through a ``BytesIO``. The three functions here do what aiormq would, with less:
 
 * ``_publish_frame`` (hot: every publish of the link): take the channel's next delivery
   tag, register the confirmation future, marshal the method, header and body frames
-  into one write (``wire.publish_frames``) for ``ch.write_queue``;
+  into one write (``amqpframes.publish_frames``) for ``ch.write_queue``;
 * ``_run_inline`` (hot: every delivery): aiormq calls the link's consumer as it reads
   the delivery, not in a task of its own;
 * ``_join_content`` (every delivered body): one ``b"".join`` of the body frames.
@@ -31,7 +31,7 @@ from pamqp import commands as spec
 from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
 
-from . import wire
+from . import amqpframes, wire
 
 log = logging.getLogger("hybrid_layer")
 
@@ -58,8 +58,8 @@ def _publish_frame(
     """What ``ch.basic_publish`` does before it waits, without its task, lock, timeout
     and drain: take the next delivery tag, register the confirmation future (and the
     message id that a ``basic.return`` is matched by), and marshal the frames into one
-    write (``wire.publish_frames`` when the body fits one frame; else
-    ``wire.publish_frames_parts``, which copies the body once where pamqp and aiormq's
+    write (``amqpframes.publish_frames`` when the body fits one frame; else
+    ``amqpframes.publish_frames_parts``, which copies the body once where pamqp and aiormq's
     ``_split_body`` copy it several times).
     Returns (the confirmation, the frame for ``ch.write_queue``).
 
@@ -75,12 +75,12 @@ def _publish_frame(
     # later confirmation onto the wrong message)
     max_content = getattr(ch, "max_content_size", 0)
     if type(body) is bytes and 0 < len(body) < max_content:  # one body frame
-        data = wire.publish_frames(
+        data = amqpframes.publish_frames(
             ch.number, exchange, rk, mandatory, body, props.delivery_mode, props.expiration, mid
         )
         frame = ChannelFrame(payload=data, should_close=False)
     elif max_content > 0:  # (a large one: its body frames cut from its parts, one copy)
-        data = wire.publish_frames_parts(
+        data = amqpframes.publish_frames_parts(
             ch.number,
             exchange,
             rk,

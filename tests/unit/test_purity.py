@@ -19,7 +19,7 @@ it imports, anywhere but under ``if TYPE_CHECKING:`` (never run), a module of
 
 Randomness (``secrets``: a channel name's local part) and hashing are allowed: they do
 no I/O and need no cleanup. A module listed in ``PURE`` that does not exist fails (it
-is never skipped): ``amqp/topology.py`` arrives with the split of the link.
+is never skipped).
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ PURE = (
     "hybrid_layer/shm/groupset.py",
     "hybrid_layer/amqp/wire.py",
     "hybrid_layer/amqp/topology.py",
+    "hybrid_layer/amqp/amqpframes.py",
 )
 
 DENIED = frozenset(

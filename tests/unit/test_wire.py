@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hybrid_layer.amqp import wire
+from hybrid_layer.amqp import amqpframes, wire
 
 names = st.text(min_size=1, max_size=120)
 payloads = st.binary(max_size=4096)
@@ -379,13 +379,13 @@ _short = st.text(
 def test_publish_frames_match_pamqp_byte_for_byte(
     channel: int, exchange: str, rk: str, mandatory: bool, body: bytes, exp: str, mid: str
 ) -> None:
-    got = wire.publish_frames(channel, exchange, rk, mandatory, body, 1, exp, mid)
+    got = amqpframes.publish_frames(channel, exchange, rk, mandatory, body, 1, exp, mid)
     assert got == _pamqp_publish(channel, exchange, rk, mandatory, body, exp, mid)
 
 
 def test_publish_frames_reject_a_name_over_255_bytes() -> None:
     with pytest.raises(wire.WireError, match="255"):
-        wire.publish_frames(1, "", "q" * 256, True, b"x", 1, "1000", "1")
+        amqpframes.publish_frames(1, "", "q" * 256, True, b"x", 1, "1000", "1")
 
 
 # ---------------------------------------------------------------- large bodies, one copy
@@ -449,7 +449,7 @@ def test_publish_frames_parts_match_aiormq_and_pamqp_byte_for_byte(
         memoryview(body)[a:b] if i % 2 else body[a:b]
         for i, (a, b) in enumerate(itertools.pairwise(bounds))
     )
-    got = wire.publish_frames_parts(
+    got = amqpframes.publish_frames_parts(
         channel, exchange, rk, mandatory, parts, 1, exp, mid, max_content
     )
     assert got == _pamqp_publish_split(
@@ -459,7 +459,7 @@ def test_publish_frames_parts_match_aiormq_and_pamqp_byte_for_byte(
 
 def test_publish_frames_parts_refuse_a_frame_size_of_zero() -> None:
     with pytest.raises(ValueError, match="max_content"):
-        wire.publish_frames_parts(1, "", "q", True, (b"x",), 1, "1000", "1", 0)
+        amqpframes.publish_frames_parts(1, "", "q", True, (b"x",), 1, "1000", "1", 0)
 
 
 def test_a_large_frame_in_parts_is_the_frame_and_decodes_to_a_view() -> None:

@@ -109,9 +109,10 @@ class Leadership:
                 self.normal_names[name_hash("n", name)] = name
             # what was handed over before the link existed goes first, in order: no
             # hand-off can slip in between, they all take this lock while link is None
-            for item in self.early_out:
-                link.out.append(item)
-                link.out_bytes += len(item[2])
+            with link.out_lock:
+                for item in self.early_out:
+                    link.out.append(item)
+                    link.out_bytes += len(item[2])
             self.early_out.clear()
             p.link = link
         link.kick()
@@ -215,8 +216,9 @@ class Leadership:
             if link is None:
                 self.early_out.extendleft(reversed(items))
             else:
-                link.out.extendleft(reversed(items))
-                link.out_bytes += sum(len(it[2]) for it in items)
+                with link.out_lock:
+                    link.out.extendleft(reversed(items))
+                    link.out_bytes += sum(len(it[2]) for it in items)
         if link is not None:
             link.kick()
         log.warning(

@@ -74,8 +74,10 @@ class Publisher(LinkState):
         out = self.out
         if len(out) >= 2 * self.limit or self.out_bytes >= 2 * self.limit_bytes:
             return FULL_RING
-        out.append((kind, name, payload, expires_at, key))
-        self.out_bytes += len(payload)
+        n = len(payload)
+        with self.out_lock:
+            out.append((kind, name, payload, expires_at, key))
+            self.out_bytes += n
         if not self.busy and (len(out) >= self.limit or self.out_bytes >= self.limit_bytes):
             self.busy = True
             self.p.ns.link_set(L.LQ_BUSY, 1)
@@ -83,8 +85,9 @@ class Publisher(LinkState):
         return OK
 
     def _popleft(self) -> Out:
-        item = self.out.popleft()
-        self.out_bytes -= len(item[2])
+        with self.out_lock:
+            item = self.out.popleft()
+            self.out_bytes -= len(item[2])
         return item
 
     @property
@@ -105,9 +108,10 @@ class Publisher(LinkState):
     # ================================================================ loop thread
     def _take_all(self) -> int:
         """Forget everything not yet confirmed; returns how many messages."""
-        n = len(self.out) + self.retry_count
-        self.out.clear()
-        self.out_bytes = 0
+        with self.out_lock:
+            n = len(self.out) + self.retry_count
+            self.out.clear()
+            self.out_bytes = 0
         self.retry.clear()
         self.probing.clear()
         for timer in self.retry_timer.values():

@@ -13,8 +13,8 @@ it again), and the ``Out`` tuple of the outbound queue.
 
 Threads: everything is touched on the host thread's event loop, except what
 ``submit`` and ``kick`` touch from any thread (a sender in the leader process):
-``out`` (a deque: atomic append/popleft), ``out_bytes``, ``busy``, ``_kicked`` and
-``closing``; senders also read ``full`` and ``busy`` (``Participant.hand_off``).
+``out`` and ``out_bytes`` (changed together under ``out_lock``), ``busy``, ``_kicked``
+and ``closing``; senders also read ``full`` and ``busy`` (``Participant.hand_off``).
 Nothing here runs per message: it is construction, and declarations.
 """
 
@@ -113,6 +113,9 @@ class LinkState:
         # ---- publishing (publisher.py): the outbound queue, handed over from any thread
         self.out: deque[Out] = deque()
         self.out_bytes = 0
+        # out and out_bytes change together under this lock: senders' threads append,
+        # the link's loop pops (a += on an attribute from two threads can lose an update)
+        self.out_lock = threading.Lock()
         self.limit, self.limit_bytes = cfg.outbound_limit, cfg.outbound_limit_bytes
         self.busy = False
         self._kicked = False

@@ -402,20 +402,22 @@ _odd_scalars = st.one_of(
     _scalars,
     st.sampled_from(list(_Str)),
     st.sampled_from(list(_Int)),
-    st.builds(lambda n: n, st.integers(2**63, U64_MAX)),
+    st.integers(2**63, U64_MAX),
 )
-_odd = st.recursive(
-    _odd_scalars,
-    lambda inner: st.one_of(
+
+
+def _odd_containers(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.one_of(
         st.lists(inner, max_size=3),
         st.lists(inner, max_size=3).map(tuple),
         st.dictionaries(
             st.one_of(st.text(max_size=4), st.sampled_from(list(_Str))), inner, max_size=3
         ),
         st.dictionaries(st.text(max_size=2), inner, max_size=2).map(OrderedDict),
-    ),
-    max_leaves=12,
-)
+    )
+
+
+_odd = st.recursive(_odd_scalars, _odd_containers, max_leaves=12)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

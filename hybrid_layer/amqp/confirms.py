@@ -47,10 +47,36 @@ from .state import MAX_IN_FLIGHT, LinkState, Pub, _ignore_result
 RETRY_MIN = 0.05  # a message returned for want of a queue: first retry after this
 RETRY_MAX = 1.0  # ... doubling up to this, until the message expires
 FULL_HOLD = 0.2  # seconds a destination stays "full" after a nack
+#: a publish that RabbitMQ neither confirms nor rejects for this long, on a connection
+#: that is otherwise alive, ends the connection (see ``_confirm_watch``)
+CONFIRM_STALL = 10.0
 
 
 class Confirms(LinkState):
     """Confirms, returns and nacks of what the publisher published; retries; full flags."""
+
+    async def _confirm_watch(self) -> None:
+        """Runs while the link is up: ends the connection when the oldest unconfirmed
+        publish has waited ``CONFIRM_STALL`` seconds with no answer. RabbitMQ 3.10, after
+        the node of a quorum queue's leader dies, can leave a channel that published to
+        that queue waiting for ever - no ack, no nack - while a new channel's publishes
+        to it are confirmed at once (seen in tests/broker/test_cluster.py); heartbeats
+        keep flowing, so nothing else notices. The link reconnects as after any lost
+        connection: what was unconfirmed is published again with its ids (receivers
+        skip what they already have), and what was kept for the queue is tried again on
+        the new channel."""
+        oldest, since = 0, time.monotonic()
+        while True:
+            await asyncio.sleep(1.0)
+            seq = next(iter(self.unconfirmed), 0)
+            now = time.monotonic()
+            if seq != oldest:
+                oldest, since = seq, now
+            elif seq and now - since >= CONFIRM_STALL:  # (logged by _run: "link lost")
+                raise ConnectionError(
+                    f"RabbitMQ answered no publish for {now - since:.0f} s on a live "
+                    "connection (a queue's failover can leave a channel waiting)"
+                )
 
     def _confirmed(self, fut: asyncio.Future[Any], pub: Pub) -> None:
         if self.unconfirmed.get(pub.seq) is not pub or pub.gen != self.conn_gen:

@@ -288,6 +288,7 @@ class Connection(LinkState):
         tasks = [
             asyncio.ensure_future(self._publisher()),
             asyncio.ensure_future(self._syncer()),
+            asyncio.ensure_future(self._confirm_watch()),
         ]
         closing = conn.closing  # an observer: each access makes a new one
         # a channel error closes only that channel (its consumer too): treat it like a

@@ -426,3 +426,30 @@ def test_kept_messages_expire_on_time_while_their_probe_is_unanswered(
         assert wait_until(lambda: b.call("stats").dropped["no_channel"] >= 5, 4), b.call("stats")
     finally:
         proxy.resume()
+
+
+def test_a_publish_left_unanswered_on_a_live_connection_ends_it(
+    proxy: Proxy, hosts: HostsFactory
+) -> None:
+    """RabbitMQ can leave a channel's publish unanswered for ever (a quorum queue's
+    failover, tests/broker/test_cluster.py) while the connection lives. A publish
+    unanswered for CONFIRM_STALL seconds ends the connection: the link reconnects and
+    publishes it again, so it arrives (a heartbeat of 60 s would not notice)."""
+    from hybrid_layer.amqp.confirms import CONFIRM_STALL
+
+    (a,) = hosts({"ha": 1}, expiry=60)["ha"]
+    (b,) = hosts({"hb": 1}, host=proxy.url, heartbeat=60, expiry=60)["hb"]
+    ch = a.call("new_channel", "x.")
+    a.call("collect", ch, 2)
+    b.call("send", ch, {"type": "before"})
+    assert wait_until(lambda: b.call("stats").broker["confirmed"] >= 1, 5)
+    proxy.stall()
+    try:
+        b.call("send", ch, {"type": "during"})  # published, never answered
+        stalled = time.monotonic()
+        assert wait_until(lambda: b.call("stats").broker["link"] != "up", CONFIRM_STALL + 5)
+        assert time.monotonic() - stalled >= CONFIRM_STALL - 1.5
+    finally:
+        proxy.resume()
+    got = a.call("wait_collected", ch, 30.0, timeout=40)
+    assert [m["type"] for m in got] == ["before", "during"]

@@ -50,6 +50,7 @@ FULL_HOLD = 0.2  # seconds a destination stays "full" after a nack
 #: a publish that RabbitMQ neither confirms nor rejects for this long, on a connection
 #: that is otherwise alive, ends the connection (see ``_confirm_watch``)
 CONFIRM_STALL = 10.0
+FORCED_EVERY = 60.0  # ... at most once a minute
 
 
 class Confirms(LinkState):
@@ -73,9 +74,25 @@ class Confirms(LinkState):
             if seq != oldest:
                 oldest, since = seq, now
             elif seq and now - since >= CONFIRM_STALL:  # (logged by _run: "link lost")
+                self.forced_at = now
                 raise ConnectionError(
                     f"RabbitMQ answered no publish for {now - since:.0f} s on a live "
                     "connection (a queue's failover can leave a channel waiting)"
+                )
+            # the same failover can leave the channel's publishes to a queue rejected
+            # (nack) for ever, the queue NOT full, while a new channel's are taken
+            # (only while messages are kept for that queue: a queue nothing waits for any
+            # more is forgotten)
+            for rk in [rk for rk in self.failing_since if not self.retry.get(rk)]:
+                del self.failing_since[rk]
+            failing = min(self.failing_since.values(), default=now)
+            if now - failing >= CONFIRM_STALL and now - self.forced_at >= FORCED_EVERY:
+                self.forced_at = now
+                self.failing_since.clear()
+                raise ConnectionError(
+                    f"RabbitMQ rejected every publish to a queue that is not full for "
+                    f"{now - failing:.0f} s (a queue's failover can leave a channel "
+                    "behind): a new connection"
                 )
 
     def _confirmed(self, fut: asyncio.Future[Any], pub: Pub) -> None:
@@ -95,6 +112,8 @@ class Confirms(LinkState):
             del self.probing[rk]
         if exc is None:
             c.broker_confirmed += n
+            if self.failing_since:
+                self.failing_since.pop(rk, None)
             if probe:  # its queue is there: what waited behind it follows, in order
                 self.retry_delay.pop(rk, None)
                 self._release(rk)
@@ -293,6 +312,7 @@ class Confirms(LinkState):
                             self.full_waiting[key] = rk
                             self._flag_full(key)
                     else:
+                        self.failing_since.setdefault(rk, now)
                         why = (
                             f"its queue is NOT full ({count} of {cap}): its node is down "
                             "or failing over, or a broker policy (max-length, "

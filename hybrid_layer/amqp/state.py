@@ -143,6 +143,9 @@ class LinkState:
         # rejected by it wait to be tried again
         self.full_waiting: dict[str, str] = {}
         self._nack_checked: dict[str, float] = {}  # routing key -> last looked at
+        # routing key -> since when its queue, NOT full, rejects everything (confirms.py)
+        self.failing_since: dict[str, float] = {}
+        self.forced_at = 0.0  # when _confirm_watch last ended a connection
 
         # ---- bindings (bindings.py): the broker's side of this host's interest
         self.bound: set[int] = set()

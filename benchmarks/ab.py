@@ -30,6 +30,11 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+import bench_report  # noqa: E402
+
 DEFAULT_BENCH = [
     "--quick",
     "--runs",
@@ -78,18 +83,10 @@ def load() -> str:
 
 
 def machine() -> str:
-    cpu = "unknown cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    m = bench_report.machine_info()  # (the same description bench.py's results give)
     return (
-        f"`{platform.node()}`: {cpu}, {os.cpu_count()} cores, CPython "
-        f"{platform.python_version()}, kernel {platform.release()}"
+        f"`{m['hostname']}`: {m['cpu_model']}, {m['cores']} cores, {m['memory_gib']} GiB, "
+        f"CPython {m['python']}, kernel {m['kernel']}, RabbitMQ {m['servers']['rabbitmq']}"
     )
 
 

@@ -265,11 +265,10 @@ def _broker_reachable() -> bool:
 
 
 def _size(text: str) -> int:
-    t = text.strip().upper()
-    for unit, mult in (("MB", 1_000_000), ("KB", 1_000), ("B", 1)):
-        if t.endswith(unit):
-            return int(float(t[: -len(unit)]) * mult)
-    return int(t)
+    """bench.py's size names (100B, 10KB, 1MB, 5MB, 20MB), or a number of bytes."""
+    from bench import SIZES
+
+    return SIZES[text] if text in SIZES else int(text)
 
 
 def main() -> None:
